@@ -1,0 +1,410 @@
+"""Per-token log-probs/entropies without [B, T, V] logits, and the clipped GRPO policy loss.
+
+This module owns the numerics of the train step's objective:
+
+* `token_logprobs_and_entropy`: log pi(target) and the entropy of the temperature-scaled
+  next-token distribution, in fp32, from final hidden states and the unembedding. The sequence
+  is processed in chunks of `chunk_size` positions under `jax.checkpoint`, so neither the forward
+  nor the backward pass holds more than [B, chunk, V / tensor] logits per device (plus the
+  [D, V / tensor] unembedding gradient); a full [B, T, V] tensor never exists. With a mesh whose
+  'vocab' rule names a mesh axis of size > 1, each device computes logits for its own vocab slice
+  inside `jax.shard_map` and the log-sum-exp, the target logit and the entropy are assembled with
+  `pmax`/`psum` over that axis (Megatron-style vocab-parallel cross-entropy).
+* `LossConfig` and `policy_loss`: PPO/GRPO clipped surrogate (with clip-higher), optional KL to a
+  reference policy and entropy bonus, aggregated per token or per sequence. The loss comes back as
+  (sum, denominator) so that gradient accumulation over micro-batches reproduces the exact
+  full-batch mean: add the sums, add the denominators, divide once (`mean_loss`).
+* Advantages live in `rpt_jax.rl.advantages` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from rpt_jax.mesh import ShardingRules
+from rpt_jax.rl.advantages import (ADVANTAGE_ESTIMATORS, group_advantages,  # noqa: F401
+                                   register_advantage_estimator, zero_spread_groups)
+
+# ----------------------------------------------------------------------------------------------
+# Chunked, vocab-parallel log-probs and entropies.
+# ----------------------------------------------------------------------------------------------
+
+
+def token_logprobs_and_entropy(
+    hidden_BTD: jax.Array, unembed_DV: jax.Array, targets_BT: jax.Array, *,
+    temperature: float = 1.0, chunk_size: int = 256, mesh: Mesh | None = None,
+    rules: ShardingRules | Any = None) -> tuple[jax.Array, jax.Array]:
+  """log p(target) and entropy of softmax(hidden @ unembed / temperature), per position.
+
+  Args:
+    hidden_BTD: final (post-norm) hidden states; any float dtype (the matmul accumulates in fp32).
+    unembed_DV: the LM head as [D, V] (`Transformer.unembedding()`).
+    targets_BT: int token ids in [0, V) whose log-probs are wanted (the next tokens). Ids outside
+      that range give a finite, meaningless value: mask those positions in the loss.
+    temperature: logits are divided by it (use the sampling temperature so that the log-probs
+      are those of the distribution the rollouts were drawn from).
+    chunk_size: positions per chunk; T is padded internally to a multiple of it.
+    mesh, rules: with a mesh, the math runs under `jax.shard_map`: batch split over the axes of
+      the 'batch' rule that divide B, and, when `rules` (default `ShardingRules()`, vocab ->
+      'tensor') map 'vocab' to mesh axes of size > 1, the unembedding split over vocab
+      (zero-padded to a multiple of the split if needed) with the softmax statistics combined
+      by `pmax`/`psum`. Inputs are resharded to that layout first (Auto or Explicit meshes).
+      Without a mesh: plain chunked jnp.
+
+  Returns:
+    (logp_BT, entropy_BT), both fp32. Differentiable w.r.t. hidden and unembed.
+
+  Memory: live logits are O(B * chunk_size * V / tensor) per device in both passes (each chunk is
+  recomputed in the backward pass), instead of O(B * T * V).
+  """
+  if hidden_BTD.ndim != 3 or unembed_DV.ndim != 2 or targets_BT.ndim != 2:
+    raise ValueError(
+        f"expected hidden [B, T, D], unembed [D, V], targets [B, T]; got shapes "
+        f"{hidden_BTD.shape}, {unembed_DV.shape}, {targets_BT.shape}.")
+  if hidden_BTD.shape[2] != unembed_DV.shape[0] or hidden_BTD.shape[:2] != targets_BT.shape:
+    raise ValueError(
+        f"shapes do not agree: hidden {hidden_BTD.shape}, unembed {unembed_DV.shape}, targets "
+        f"{targets_BT.shape}; need hidden [B, T, D], unembed [D, V], targets [B, T].")
+  if not jnp.issubdtype(targets_BT.dtype, jnp.integer):
+    raise ValueError(f"targets must be integer token ids; got dtype {targets_BT.dtype}.")
+  if not temperature > 0:
+    raise ValueError(f"temperature={temperature} must be > 0.")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size} must be a positive integer.")
+  chunk = min(int(chunk_size), hidden_BTD.shape[1])
+  vocab_size = unembed_DV.shape[1]
+  if mesh is None:
+    return _chunked(hidden_BTD, unembed_DV, targets_BT, temperature=temperature, chunk=chunk,
+                    vocab_size=vocab_size, vocab_axes=(), vocab_shards=1)
+
+  vocab_axes, batch_axes = _parallel_axes(mesh, rules, batch_size=hidden_BTD.shape[0])
+  shards = math.prod(mesh.shape[a] for a in vocab_axes)
+  padded_vocab = -(-vocab_size // shards) * shards
+  if padded_vocab != vocab_size:
+    # Zero columns give logit 0; `_chunk_stats` drops them from the softmax by index.
+    unembed_DV = jnp.pad(unembed_DV, ((0, 0), (0, padded_vocab - vocab_size)))
+  batch_spec = _spec_entry(batch_axes)
+  in_specs = (P(batch_spec, None, None), P(None, _spec_entry(vocab_axes)), P(batch_spec, None))
+  args = [_place(x, mesh, spec) for x, spec in zip((hidden_BTD, unembed_DV, targets_BT), in_specs)]
+  body = functools.partial(_chunked, temperature=temperature, chunk=chunk,
+                           vocab_size=vocab_size, vocab_axes=vocab_axes, vocab_shards=shards)
+  sharded = jax.shard_map(body, mesh=mesh, in_specs=in_specs,
+                          out_specs=(P(batch_spec, None), P(batch_spec, None)))
+  return sharded(*args)
+
+
+def _place(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
+  """Lays `x` out as `spec` (shard_map needs its inputs there under an Explicit-axes mesh)."""
+  sharding = NamedSharding(mesh, spec)
+  if any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+    return jax.reshard(x, sharding)
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _spec_entry(axes: tuple[str, ...]) -> str | tuple[str, ...] | None:
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def _as_tuple(axes) -> tuple[str, ...]:
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _parallel_axes(mesh: Mesh | None, rules: Any,
+                   batch_size: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(vocab mesh axes, batch mesh axes) for the shard_map path; vocab () means no vocab split."""
+  rules = ShardingRules.from_config(rules)
+  vocab_axes = tuple(a for a in _as_tuple(rules.mesh_axes("vocab")) if mesh.shape[a] > 1)
+  batch_axes, size = [], 1
+  for axis in _as_tuple(rules.mesh_axes("batch")):
+    # A batch axis that does not divide B (or is taken by vocab) leaves B replicated over it.
+    if axis not in vocab_axes and batch_size % (size * mesh.shape[axis]) == 0:
+      batch_axes.append(axis)
+      size *= mesh.shape[axis]
+  return vocab_axes, tuple(batch_axes)
+
+
+def _chunked(hidden_BTD, unembed_DV, targets_BT, *, temperature, chunk, vocab_size, vocab_axes,
+             vocab_shards):
+  """Scans `_chunk_stats` over T-chunks, rematerialising each chunk in the backward pass."""
+  b, t, d = hidden_BTD.shape
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  if pad:
+    hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+  hidden_NBCD = hidden_BTD.reshape(b, n, chunk, d).transpose(1, 0, 2, 3)
+  targets_NBC = targets_BT.reshape(b, n, chunk).transpose(1, 0, 2)
+
+  # Saves nothing but the chunk's inputs: the [B, C, V] logits are recomputed in the backward.
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def body(xs):
+    h_BCD, tgt_BC = xs
+    return _chunk_stats(h_BCD, unembed_DV, tgt_BC, temperature=temperature,
+                        vocab_size=vocab_size, vocab_axes=vocab_axes, vocab_shards=vocab_shards)
+
+  logp_NBC, ent_NBC = jax.lax.map(body, (hidden_NBCD, targets_NBC))
+  logp_BT = logp_NBC.transpose(1, 0, 2).reshape(b, n * chunk)[:, :t]
+  ent_BT = ent_NBC.transpose(1, 0, 2).reshape(b, n * chunk)[:, :t]
+  return logp_BT, ent_BT
+
+
+def _chunk_stats(h_BCD, w_DV, tgt_BC, *, temperature, vocab_size, vocab_axes, vocab_shards):
+  """log p(target) and entropy for one chunk; `w_DV` is this device's vocab slice."""
+  v_local = w_DV.shape[1]
+  z_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV,
+                     preferred_element_type=jnp.float32).astype(jnp.float32) / temperature
+  if vocab_axes:
+    offset = jax.lax.axis_index(vocab_axes) * v_local
+  else:
+    offset = 0
+  padded = v_local * vocab_shards != vocab_size
+  if padded:
+    valid_V = offset + jnp.arange(v_local) < vocab_size
+    z_for_max = jnp.where(valid_V, z_BCV, -jnp.inf)
+  else:
+    z_for_max = z_BCV
+  # The shift cancels in log-sum-exp, so it carries no gradient (and pmax needs none).
+  m_BC = jax.lax.stop_gradient(z_for_max.max(axis=-1))
+  if vocab_axes:
+    m_BC = jax.lax.pmax(m_BC, vocab_axes)
+  zs_BCV = z_BCV - m_BC[..., None]
+  e_BCV = jnp.exp(zs_BCV)
+  if padded:
+    e_BCV = jnp.where(valid_V, e_BCV, 0.0)
+  sum_e_BC = e_BCV.sum(axis=-1)
+  # Entropy = log S - sum(e * zs) / S with zs = z - max <= 0: no cancellation of large terms.
+  sum_ezs_BC = (e_BCV * zs_BCV).sum(axis=-1)
+  local_BC = tgt_BC - offset
+  in_range_BC = (local_BC >= 0) & (local_BC < v_local)
+  zt_BC = jnp.take_along_axis(zs_BCV, jnp.clip(local_BC, 0, v_local - 1)[..., None],
+                              axis=-1)[..., 0]
+  zt_BC = jnp.where(in_range_BC, zt_BC, 0.0)
+  if vocab_axes:
+    sum_e_BC, sum_ezs_BC, zt_BC = jax.lax.psum((sum_e_BC, sum_ezs_BC, zt_BC), vocab_axes)
+  log_s_BC = jnp.log(sum_e_BC)
+  return zt_BC - log_s_BC, log_s_BC - sum_ezs_BC / sum_e_BC
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy loss.
+# ----------------------------------------------------------------------------------------------
+
+# name -> fn(per_token_BT, mask_BT (fp32), config) -> (loss_sum, denominator).
+Aggregation = Callable[[jax.Array, jax.Array, "LossConfig"], tuple[jax.Array, jax.Array]]
+AGGREGATIONS: dict[str, Aggregation] = {}
+
+
+def register_aggregation(name: str) -> Callable[[Aggregation], Aggregation]:
+  """Decorator: registers a loss aggregation under `name`."""
+
+  def wrap(fn: Aggregation) -> Aggregation:
+    if name in AGGREGATIONS:
+      raise ValueError(f"aggregation {name!r} is already registered; pick another name.")
+    AGGREGATIONS[name] = fn
+    return fn
+
+  return wrap
+
+
+@register_aggregation("token-mean")
+def _token_mean(per_token_BT, mask_BT, config):
+  """Mean over every valid token of the (global) batch."""
+  del config
+  return per_token_BT.sum(), mask_BT.sum()
+
+
+@register_aggregation("seq-mean-token-mean")
+def _seq_mean_token_mean(per_token_BT, mask_BT, config):
+  """Mean over sequences of each sequence's token mean (original GRPO)."""
+  del config
+  n_B = mask_BT.sum(axis=1)
+  seq_B = per_token_BT.sum(axis=1) / jnp.maximum(n_B, 1.0)
+  return seq_B.sum(), (n_B > 0).sum().astype(jnp.float32)
+
+
+@register_aggregation("seq-mean-token-sum-norm")
+def _seq_mean_token_sum_norm(per_token_BT, mask_BT, config):
+  """Mean over sequences of token sum / max_response_length (Dr. GRPO: no length bias)."""
+  n_B = mask_BT.sum(axis=1)
+  seq_B = per_token_BT.sum(axis=1) / float(config.max_response_length)
+  return seq_B.sum(), (n_B > 0).sum().astype(jnp.float32)
+
+
+# name -> fn(logp, ref_logp) -> per-token estimate of KL(pi || ref) for tokens sampled from pi.
+KL_ESTIMATORS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "k1": lambda logp, ref: logp - ref,
+    "k3": lambda logp, ref: jnp.exp(ref - logp) - (ref - logp) - 1.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Clipped policy-gradient loss settings.
+
+  Attributes:
+    eps_low, eps_high: ratio clip range [1 - eps_low, 1 + eps_high]; eps_high > eps_low is
+      DAPO's clip-higher.
+    aggregation: a name in `AGGREGATIONS`: 'token-mean', 'seq-mean-token-mean' or
+      'seq-mean-token-sum-norm' (needs `max_response_length`).
+    beta: weight of the KL(pi || ref) penalty (needs ref log-probs when > 0); the paper uses 0.
+    kl_estimator: 'k1' (logp - ref) or 'k3' (exp(ref - logp) - (ref - logp) - 1).
+    entropy_coef: weight of the entropy bonus (subtracted; needs entropies when != 0).
+    max_response_length: the constant that divides per-sequence token sums in
+      'seq-mean-token-sum-norm'.
+  """
+
+  eps_low: float = 0.2
+  eps_high: float = 0.2
+  aggregation: str = "token-mean"
+  beta: float = 0.0
+  kl_estimator: str = "k3"
+  entropy_coef: float = 0.0
+  max_response_length: int | None = None
+
+  def __post_init__(self):
+    if not 0.0 <= self.eps_low < 1.0:
+      raise ValueError(f"LossConfig.eps_low={self.eps_low} must be in [0, 1) so the lower clip "
+                       "bound 1 - eps_low stays positive.")
+    if not self.eps_high >= 0.0:
+      raise ValueError(f"LossConfig.eps_high={self.eps_high} must be >= 0.")
+    if self.aggregation not in AGGREGATIONS:
+      raise ValueError(f"LossConfig.aggregation={self.aggregation!r} is unknown; choose one of "
+                       f"{sorted(AGGREGATIONS)}.")
+    if not self.beta >= 0.0:
+      raise ValueError(f"LossConfig.beta={self.beta} must be >= 0 (0 disables the KL penalty).")
+    if self.kl_estimator not in KL_ESTIMATORS:
+      raise ValueError(f"LossConfig.kl_estimator={self.kl_estimator!r} is unknown; choose one "
+                       f"of {sorted(KL_ESTIMATORS)}.")
+    if not math.isfinite(self.entropy_coef):
+      raise ValueError(f"LossConfig.entropy_coef={self.entropy_coef} must be finite.")
+    if self.aggregation == "seq-mean-token-sum-norm" and (
+        self.max_response_length is None or self.max_response_length <= 0):
+      raise ValueError(
+          f"LossConfig.aggregation='seq-mean-token-sum-norm' needs max_response_length > 0 (got "
+          f"{self.max_response_length}); set it to the sampler's maximum response length.")
+
+
+def policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, advantages_B: jax.Array,
+                mask_BT: jax.Array, *, config: LossConfig, ref_logp_BT: jax.Array | None = None,
+                entropy_BT: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """Clipped surrogate + beta * KL - entropy_coef * entropy, as (loss_sum, denominator, metrics).
+
+  Per valid token: -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) with
+  r = exp(logp - old_logp), then aggregated by `config.aggregation`:
+    token-mean:              (sum over valid tokens, number of valid tokens)
+    seq-mean-token-mean:     (sum over sequences of their token mean, sequences with >= 1 token)
+    seq-mean-token-sum-norm: (sum over sequences of token sum / max_response_length, sequences
+                              with >= 1 token)
+  Rows without valid tokens (batch padding) add nothing to either part.
+
+  Args:
+    logp_BT: current policy log-probs (differentiable).
+    old_logp_BT: log-probs of the sampling policy (no gradient). Exactly on-policy, pass the
+      stopped current log-probs: the ratio is 1 but its gradient is the policy gradient.
+    advantages_B: one advantage per sequence [B] (or per token [B, T]); no gradient.
+    mask_BT: 1/True on response tokens that count (bool or numeric).
+    config: a `LossConfig`.
+    ref_logp_BT: reference-policy log-probs, required when config.beta > 0.
+    entropy_BT: per-token entropies, required when config.entropy_coef != 0.
+
+  Returns:
+    loss_sum, denominator: fp32 scalars. Accumulate both over micro-batches (and devices) and
+      divide once with `mean_loss`, which guards against a zero denominator (empty batch).
+    metrics: fp32 scalar SUMS and COUNTS, so they accumulate the same way (see
+      `finalize_metrics`): num_tokens, num_sequences, pg_loss_sum, ratio_sum, approx_kl_sum
+      (KL(old || new), k3 estimator on samples from old), clip_high_count, clip_low_count,
+      and entropy_sum / ref_kl_sum when those inputs are given.
+  """
+  if logp_BT.shape != old_logp_BT.shape or logp_BT.shape != mask_BT.shape:
+    raise ValueError(f"logp {logp_BT.shape}, old_logp {old_logp_BT.shape} and mask "
+                     f"{mask_BT.shape} must all be [B, T].")
+  if advantages_B.shape not in ((logp_BT.shape[0],), logp_BT.shape):
+    raise ValueError(f"advantages shape {advantages_B.shape} must be [B]={logp_BT.shape[:1]} or "
+                     f"[B, T]={logp_BT.shape}.")
+  if config.beta > 0 and ref_logp_BT is None:
+    raise ValueError(f"LossConfig.beta={config.beta} needs ref_logp_BT (reference log-probs); "
+                     "pass them or set beta=0.")
+  if config.entropy_coef != 0 and entropy_BT is None:
+    raise ValueError(f"LossConfig.entropy_coef={config.entropy_coef} needs entropy_BT; pass "
+                     "the entropies from token_logprobs_and_entropy or set entropy_coef=0.")
+  f32 = jnp.float32
+  mask_BT = mask_BT.astype(bool) if mask_BT.dtype != bool else mask_BT
+  maskf_BT = mask_BT.astype(f32)
+  # Zeroing masked positions BEFORE exp keeps their (unused) gradients finite.
+  logp_BT = jnp.where(mask_BT, logp_BT.astype(f32), 0.0)
+  old_BT = jnp.where(mask_BT, jax.lax.stop_gradient(old_logp_BT).astype(f32), 0.0)
+  adv = jax.lax.stop_gradient(jnp.asarray(advantages_B, f32))
+  adv_BT = jnp.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, logp_BT.shape)
+
+  log_ratio_BT = logp_BT - old_BT
+  ratio_BT = jnp.exp(log_ratio_BT)
+  clipped_BT = jnp.clip(ratio_BT, 1.0 - config.eps_low, 1.0 + config.eps_high)
+  pg_BT = -jnp.minimum(ratio_BT * adv_BT, clipped_BT * adv_BT)
+  per_token_BT = pg_BT
+  ref_kl_BT = None
+  if ref_logp_BT is not None:
+    ref_BT = jnp.where(mask_BT, jax.lax.stop_gradient(ref_logp_BT).astype(f32), 0.0)
+    ref_kl_BT = KL_ESTIMATORS[config.kl_estimator](logp_BT, ref_BT)
+    if config.beta > 0:
+      per_token_BT = per_token_BT + config.beta * ref_kl_BT
+  if entropy_BT is not None and config.entropy_coef != 0:
+    per_token_BT = per_token_BT - config.entropy_coef * entropy_BT.astype(f32)
+  per_token_BT = jnp.where(mask_BT, per_token_BT, 0.0)
+  loss_sum, denominator = AGGREGATIONS[config.aggregation](per_token_BT, maskf_BT, config)
+
+  def tsum(x_BT):  # Sum over valid tokens, no gradient.
+    return jax.lax.stop_gradient(jnp.where(mask_BT, x_BT, 0.0).sum())
+
+  metrics = {
+      "num_tokens": maskf_BT.sum(),
+      "num_sequences": (maskf_BT.sum(axis=1) > 0).sum().astype(f32),
+      "pg_loss_sum": tsum(pg_BT),
+      "ratio_sum": tsum(ratio_BT),
+      # KL(old || new) ~ E_old[(r - 1) - log r]: the k3 estimator on the rollouts.
+      "approx_kl_sum": tsum(ratio_BT - 1.0 - log_ratio_BT),
+      "clip_high_count": tsum(((adv_BT > 0) & (ratio_BT > 1.0 + config.eps_high)).astype(f32)),
+      "clip_low_count": tsum(((adv_BT < 0) & (ratio_BT < 1.0 - config.eps_low)).astype(f32)),
+  }
+  if entropy_BT is not None:
+    metrics["entropy_sum"] = tsum(entropy_BT.astype(f32))
+  if ref_kl_BT is not None:
+    metrics["ref_kl_sum"] = tsum(ref_kl_BT)
+  return loss_sum.astype(f32), denominator.astype(f32), metrics
+
+
+def mean_loss(loss_sum: jax.Array, denominator: jax.Array) -> jax.Array:
+  """loss_sum / denominator, with an empty batch (denominator 0, sum 0) giving 0, not NaN.
+
+  Denominators are counts, so max(denominator, 1) changes nothing for a non-empty batch.
+  """
+  return loss_sum / jnp.maximum(denominator, 1.0)
+
+
+def finalize_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """Means from (accumulated) `policy_loss` metric sums: per-token averages over the batch."""
+  n = jnp.maximum(metrics["num_tokens"], 1.0)
+  out = {
+      "num_tokens": metrics["num_tokens"],
+      "num_sequences": metrics["num_sequences"],
+      "pg_loss": metrics["pg_loss_sum"] / n,
+      "ratio_mean": metrics["ratio_sum"] / n,
+      "approx_kl": metrics["approx_kl_sum"] / n,
+      "clip_fraction": (metrics["clip_high_count"] + metrics["clip_low_count"]) / n,
+      "clip_high_fraction": metrics["clip_high_count"] / n,
+      "clip_low_fraction": metrics["clip_low_count"] / n,
+  }
+  if "entropy_sum" in metrics:
+    out["entropy"] = metrics["entropy_sum"] / n
+  if "ref_kl_sum" in metrics:
+    out["ref_kl"] = metrics["ref_kl_sum"] / n
+  return out

@@ -88,13 +88,14 @@ def make_mesh(config: MeshConfig | Mapping[str, int] | None = None,
     config = MeshConfig(**dict(config))
   devices = list(jax.devices() if devices is None else devices)
   shape = config.shape(len(devices))
+  # Auto axes: GSPMD propagates shardings from the annotations we give (newer JAX defaults
+  # make_mesh to Explicit "sharding in types", which changes jit semantics).
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   if len(devices) == len(jax.devices()):
     # Lets JAX order devices for the physical topology (ICI rings on TPU).
-    try:
-      return jax.make_mesh(shape, MESH_AXES, devices=devices)
-    except TypeError:  # Older JAX without the devices argument.
-      return jax.make_mesh(shape, MESH_AXES)
-  return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types, devices=devices)
+  return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES,
+              axis_types=axis_types)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,3 +54,10 @@ def test_state_shardings_follow_param_metadata_and_place_values():
   placed = jax.device_put(nnx.state(model), shardings)
   np.testing.assert_array_equal(np.asarray(placed["w"].value), np.asarray(model.w.value))
   assert placed["w"].value.sharding.spec == P("fsdp", "tensor")
+
+
+def test_mesh_axes_are_auto_so_gspmd_propagates_shardings():
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2, tensor=2))
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  sub = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, fsdp=4, tensor=1), jax.devices()[:4])
+  assert all(t == jax.sharding.AxisType.Auto for t in sub.axis_types)

@@ -87,15 +87,23 @@ def test_document_windows_by_hand():
 
 
 def reference_scores(model, ids, seq_len, overlap):
-  """Per position t: run the model on the documented context ids[s:t] and take the last row."""
+  """Per position t: the model's prediction for t from the documented context ids[s:t].
+
+  The context of t starts at s = 0 when t < seq_len, else at the start of the latest window
+  whose first new target is <= t: ((t - seq_len) // stride + 1) * stride. Positions sharing s
+  are read from one causal forward pass over ids[s:max t].
+  """
   stride = seq_len - overlap
   ent, arg = np.full(len(ids), np.nan), np.full(len(ids), -1)
+  by_start = {}
   for t in range(1, len(ids)):
     s = 0 if t < seq_len else ((t - seq_len) // stride + 1) * stride
-    if t >= seq_len:
-      assert overlap <= t - s <= seq_len - 1
-    logits = np.asarray(model(jnp.asarray(ids[None, s:t])))[0, -1]
-    ent[t], arg[t] = np_topk_entropy(logits, 16), np.argmax(logits)
+    assert t - s == t or overlap <= t - s <= seq_len - 1
+    by_start.setdefault(s, []).append(t)
+  for s, ts in by_start.items():
+    logits = np.asarray(model(jnp.asarray(ids[None, s:max(ts)])))[0]
+    for t in ts:
+      ent[t], arg[t] = np_topk_entropy(logits[t - s - 1], 16), np.argmax(logits[t - s - 1])
   return ent, arg
 
 

@@ -1,0 +1,244 @@
+"""Grain loader: prepared position records -> static-shape prompt batches (numpy, per process).
+
+Per record (in Grain workers): parse the record, decode its context ids to text and build the
+prompt ids with `rpt_jax.rl.prompts.build_prompt_ids` (template + the policy's chat template).
+A prompt longer than the largest bucket is left-truncated: context tokens are dropped from its
+START (the instruction and chat markers are kept) until it fits; `PromptBatch.truncated` marks
+such rows and the iterator counts them.
+
+Per batch: rows are right-padded with the tokenizer's pad id to the smallest `prompt_buckets`
+length that fits the batch's longest prompt, so the device sees only a few static shapes.
+Completions and boundaries are padded to static widths from the manifest.
+
+Records are read with a seeded shuffle (`IndexSampler`), sharded by process (by default
+`jax.process_index()` of `jax.process_count()`, remainder dropped, so each process gets a
+disjoint, equal-sized slice), and repeated for `num_epochs` (None: forever). The iterator's
+`get_state`/`set_state` (JSON bytes from Grain) resume exactly at the next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Sequence
+
+import grain.python as grain
+import jax
+import numpy as np
+
+from rpt_jax.data.prepare import MANIFEST, MANIFEST_FORMAT
+from rpt_jax.data.records import SPLITS, PositionRecord
+from rpt_jax.rl import prompts
+
+
+@dataclasses.dataclass
+class PromptBatch:
+  """A batch of B prompts (numpy). Lb is a bucket length; Cb, K are static per dataset.
+
+  Attributes:
+    prompt_tokens: int32 [B, Lb] prompt ids, right-padded with the tokenizer's pad id.
+    prompt_lengths: int32 [B] real tokens per row.
+    completion_bytes: uint8 [B, Cb] ground-truth continuation bytes, zero-padded.
+    completion_lengths: int32 [B] bytes per row.
+    boundaries: int32 [B, K] cumulative token byte lengths, padded with 0.
+    num_boundaries: int32 [B] boundaries per row.
+    doc_id: int64 [B]; position: int32 [B]; bucket: int32 [B]; entropy: float32 [B];
+    proxy_correct: bool [B]; truncated: bool [B] (prompt left-truncated to fit).
+  """
+
+  prompt_tokens: np.ndarray
+  prompt_lengths: np.ndarray
+  completion_bytes: np.ndarray
+  completion_lengths: np.ndarray
+  boundaries: np.ndarray
+  num_boundaries: np.ndarray
+  doc_id: np.ndarray
+  position: np.ndarray
+  bucket: np.ndarray
+  entropy: np.ndarray
+  proxy_correct: np.ndarray
+  truncated: np.ndarray
+
+  def __len__(self) -> int:
+    return self.prompt_tokens.shape[0]
+
+  def completions(self) -> list[bytes]:
+    """The ground-truth completion bytes of each row (for the reward)."""
+    return [row[:n].tobytes() for row, n in zip(self.completion_bytes, self.completion_lengths)]
+
+  def boundary_lists(self) -> list[list[int]]:
+    """The valid token boundaries of each row (for the reward)."""
+    return [row[:n].tolist() for row, n in zip(self.boundaries, self.num_boundaries)]
+
+
+def read_manifest(data_dir: str) -> dict[str, Any]:
+  """The manifest of a finished preparation; a clear error when there is none."""
+  path = os.path.join(data_dir, MANIFEST)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} not found: {data_dir!r} is not a finished data preparation. Run "
+        "rpt_jax.data.prepare.prepare(...) (it resumes an interrupted run) first.")
+  with open(path) as f:
+    manifest = json.load(f)
+  if manifest.get("format") != MANIFEST_FORMAT:
+    raise ValueError(f"{path} is not an rpt_jax position-record manifest.")
+  return manifest
+
+
+class _BuildPrompt(grain.MapTransform):
+  """Record bytes -> dict with the prompt ids (left-truncated to `max_tokens`) and fields."""
+
+  def __init__(self, tokenizer, template: str, max_tokens: int):
+    prompts.get_template(template)  # Unknown names fail here, not inside a worker.
+    self._tokenizer, self._template, self._max_tokens = tokenizer, template, max_tokens
+
+  def map(self, data: bytes) -> dict[str, Any]:
+    record = PositionRecord.from_bytes(data)
+    context = record.context_ids
+    ids = prompts.build_prompt_ids(self._tokenizer.decode(context), self._tokenizer,
+                                   self._template)
+    truncated = False
+    while len(ids) > self._max_tokens:
+      if len(context) == 0:
+        raise ValueError(
+            f"prompt template {self._template!r} alone takes {len(ids)} tokens, more than the "
+            f"largest prompt bucket {self._max_tokens}; raise prompt_buckets.")
+      # Drop at least the overflow from the context's start (decode/encode may not be 1:1).
+      context = context[len(ids) - self._max_tokens:]
+      ids = prompts.build_prompt_ids(self._tokenizer.decode(context), self._tokenizer,
+                                     self._template)
+      truncated = True
+    return {"prompt": np.asarray(ids, np.int32), "record": record, "truncated": truncated}
+
+
+def _collate(rows: Sequence[dict[str, Any]], *, buckets: tuple[int, ...], pad_id: int,
+             completion_width: int, boundary_width: int) -> dict[str, np.ndarray]:
+  """Pads a list of per-record dicts into one batch dict (see `PromptBatch`)."""
+  b = len(rows)
+  longest = max(len(r["prompt"]) for r in rows)
+  width = next(n for n in buckets if n >= longest)
+  out = {
+      "prompt_tokens": np.full((b, width), pad_id, np.int32),
+      "prompt_lengths": np.zeros(b, np.int32),
+      "completion_bytes": np.zeros((b, completion_width), np.uint8),
+      "completion_lengths": np.zeros(b, np.int32),
+      "boundaries": np.zeros((b, boundary_width), np.int32),
+      "num_boundaries": np.zeros(b, np.int32),
+      "doc_id": np.zeros(b, np.int64),
+      "position": np.zeros(b, np.int32),
+      "bucket": np.zeros(b, np.int32),
+      "entropy": np.zeros(b, np.float32),
+      "proxy_correct": np.zeros(b, bool),
+      "truncated": np.zeros(b, bool),
+  }
+  for i, row in enumerate(rows):
+    prompt, rec = row["prompt"], row["record"]
+    out["prompt_tokens"][i, :len(prompt)] = prompt
+    out["prompt_lengths"][i] = len(prompt)
+    out["completion_bytes"][i, :len(rec.completion)] = np.frombuffer(rec.completion, np.uint8)
+    out["completion_lengths"][i] = len(rec.completion)
+    out["boundaries"][i, :len(rec.boundaries)] = rec.boundaries
+    out["num_boundaries"][i] = len(rec.boundaries)
+    out["doc_id"][i], out["position"][i] = rec.doc_id, rec.position
+    out["bucket"][i], out["entropy"][i] = rec.bucket, rec.entropy
+    out["proxy_correct"][i], out["truncated"][i] = rec.proxy_correct, row["truncated"]
+  return out
+
+
+class PromptIterator:
+  """Iterator over `PromptBatch`es with Grain's checkpointable state."""
+
+  def __init__(self, grain_iterator):
+    self.grain_iterator = grain_iterator  # For Orbax: grain.PyGrainCheckpointSave(it).
+    self.truncated_prompts = 0
+
+  def __iter__(self) -> "PromptIterator":
+    return self
+
+  def __next__(self) -> PromptBatch:
+    batch = PromptBatch(**next(self.grain_iterator))
+    self.truncated_prompts += int(batch.truncated.sum())
+    return batch
+
+  def get_state(self) -> bytes:
+    """Opaque (JSON) bytes; `set_state` on a fresh iterator continues with the next batch."""
+    return self.grain_iterator.get_state()
+
+  def set_state(self, state: bytes) -> None:
+    self.grain_iterator.set_state(state)
+
+
+class PromptLoader:
+  """Grain pipeline over one split of a prepared folder (see the module docstring).
+
+  Args:
+    data_dir: folder written by `rpt_jax.data.prepare.prepare`.
+    split: 'train' or 'eval'.
+    tokenizer: the policy's tokenizer (decode, encode, apply_chat_template, pad_id). With
+      worker_count > 0 it must be picklable.
+    batch_size: rows per batch on THIS process (global batch / process count).
+    template: prompt template name (`rpt_jax.rl.prompts.TEMPLATES`).
+    prompt_buckets: increasing static prompt lengths; the last is the longest prompt.
+    seed: shuffle seed.
+    shuffle: shuffle records (a new order every epoch).
+    num_epochs: passes over the data; None repeats forever.
+    shard_index, shard_count: this process's slice; default jax.process_index()/count().
+    worker_count: Grain worker processes (0: in this process).
+    drop_remainder: drop the last incomplete batch (keeps the batch shape static).
+  """
+
+  def __init__(self, data_dir: str, split: str, tokenizer, *, batch_size: int,
+               template: str = "v0", prompt_buckets: Sequence[int] = (128, 256, 512),
+               seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
+               shard_index: int | None = None, shard_count: int | None = None,
+               worker_count: int = 0, drop_remainder: bool = True):
+    if split not in SPLITS:
+      raise ValueError(f"split {split!r} is unknown; choose one of {SPLITS}.")
+    buckets = tuple(int(n) for n in prompt_buckets)
+    if not buckets or any(b <= a for a, b in zip(buckets, buckets[1:])) or buckets[0] < 1:
+      raise ValueError(f"prompt_buckets={prompt_buckets} must be increasing positive lengths.")
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size} must be >= 1.")
+    self.manifest = read_manifest(data_dir)
+    files = [os.path.join(data_dir, f) for f in self.manifest["files"][split]]
+    if not files:
+      raise ValueError(f"{data_dir!r} has no {split!r} records (see its manifest counts); "
+                       "change eval_fraction or the filter when preparing.")
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+    self.source = grain.ArrayRecordDataSource(files)
+    self.num_records = len(self.source)
+    if self.num_records < shard_count * batch_size and drop_remainder:
+      raise ValueError(
+          f"{split!r} has {self.num_records} records, fewer than one batch of {batch_size} per "
+          f"process for {shard_count} processes; lower the batch size or prepare more data.")
+    self.sampler = grain.IndexSampler(
+        num_records=self.num_records,
+        shard_options=grain.ShardOptions(shard_index=shard_index, shard_count=shard_count,
+                                         drop_remainder=True),
+        shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+    completion_tokens = self.manifest["identity"]["config"]["completion_tokens"]
+    collate = functools.partial(
+        _collate, buckets=buckets, pad_id=int(tokenizer.pad_id),
+        completion_width=int(self.manifest["max_completion_bytes"]),
+        boundary_width=int(completion_tokens))
+    self.operations = [
+        _BuildPrompt(tokenizer, template, buckets[-1]),
+        grain.Batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate),
+    ]
+    if worker_count > 0:
+      from absl import flags  # Grain's worker processes read absl flags.
+      if not flags.FLAGS.is_parsed():  # Outside an absl app (tests, notebooks): use defaults.
+        flags.FLAGS.mark_as_parsed()
+    self.loader = grain.DataLoader(data_source=self.source, sampler=self.sampler,
+                                   operations=self.operations, worker_count=worker_count)
+
+  def __iter__(self) -> PromptIterator:
+    return PromptIterator(iter(self.loader))
+
+
+def make_prompt_loader(data_dir: str, split: str, tokenizer, **kwargs) -> PromptLoader:
+  """`PromptLoader(data_dir, split, tokenizer, **kwargs)` (see its arguments)."""
+  return PromptLoader(data_dir, split, tokenizer, **kwargs)

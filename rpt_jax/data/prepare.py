@@ -1,0 +1,348 @@
+"""Offline data preparation: corpus -> tokens -> proxy scores -> filter -> ArrayRecord shards.
+
+`prepare(config, tokenizer, proxy_model, out_dir)` runs the whole stage and returns the manifest.
+Documents are processed in "document shards" of `docs_per_shard` consecutive documents; each
+shard is tokenised, scored by the proxy on device, filtered, split train/eval by document, and
+written as `{split}-{shard:05d}.arrayrecord` (only when it has records).
+
+Output folder:
+    manifest.json               written last: its presence means the preparation is complete
+    train-00000.arrayrecord     position records (rpt_jax.data.records), per split and shard
+    eval-00000.arrayrecord
+    progress/identity.json      what made this folder (config, tokenizer and proxy identity)
+    progress/shard-00000.json   completion marker of shard 0: its files and counts
+
+Determinism: outputs are a pure function of (config, corpus, tokenizer, proxy weights, device
+numerics); no timestamps or absolute paths are written, so two runs give byte-identical files.
+Resume: every file is written under a temporary name and renamed; a shard's marker is written
+after its files. Re-running with the same arguments skips shards that have a marker, redoes
+any other shard, and finishes the manifest. A folder made with a different identity is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import warnings
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from rpt_jax.data import filtering, records
+from rpt_jax.data.sources import SourceConfig, SourceStats, iter_documents
+
+MANIFEST = "manifest.json"
+PROGRESS = "progress"
+MANIFEST_FORMAT = "rpt_jax.position_records"
+_TOKENIZER_PROBE = "The quick brown fox jumps over 13 lazy dogs: 4827 + 3596 = 8423. é ü 数学 😀\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+  """Everything that decides the prepared data (part of the output folder's identity).
+
+  Attributes:
+    source: the corpus.
+    filter: position filter name in `filtering.FILTERS` ('entropy', 'proxy_miss', 'random',
+      'all').
+    entropy_threshold: keep positions with top-k entropy >= this (nats; 'entropy', 'random').
+    topk: logits kept for the entropy (the paper: 16).
+    bucket_thresholds: increasing entropy thresholds of the difficulty buckets.
+    min_context_tokens: positions with fewer tokens before them are skipped.
+    max_prompt_tokens: context tokens stored per record (the last ones before the position).
+    completion_tokens: ground-truth tokens stored per record (bytes + boundaries).
+    max_positions_per_document: cap on kept positions per document, drawn uniformly (None: no
+      cap).
+    score_seq_len: proxy window length L (tokens); also the most context a position is scored
+      with.
+    score_overlap: tokens shared by consecutive windows of a long document (each position past
+      the first window is scored with at least this much context).
+    score_batch_size: windows per proxy call (a multiple of the mesh's data x fsdp size).
+    logits_chunk: positions per logits chunk inside the scorer (None: all at once).
+    eval_fraction: fraction of documents (seeded hash of the document id) that go to 'eval'.
+    seed: seeds the split, the 'random' filter and the per-document cap.
+    docs_per_shard: documents per output shard (and per resume step).
+    tokenizer_id, proxy_id: free-form names recorded in the manifest (e.g. their paths).
+  """
+
+  source: SourceConfig = dataclasses.field(default_factory=SourceConfig)
+  filter: str = "entropy"
+  entropy_threshold: float = 0.5
+  topk: int = 16
+  bucket_thresholds: tuple[float, ...] = filtering.DEFAULT_BUCKET_THRESHOLDS
+  min_context_tokens: int = 16
+  max_prompt_tokens: int = 1024
+  completion_tokens: int = 8
+  max_positions_per_document: int | None = None
+  score_seq_len: int = 512
+  score_overlap: int = 128
+  score_batch_size: int = 8
+  logits_chunk: int | None = 128
+  eval_fraction: float = 0.1
+  seed: int = 0
+  docs_per_shard: int = 256
+  tokenizer_id: str = ""
+  proxy_id: str = ""
+
+  def __post_init__(self):
+    if isinstance(self.source, Mapping):
+      object.__setattr__(self, "source", SourceConfig(**self.source))
+    object.__setattr__(self, "bucket_thresholds", tuple(float(t) for t in self.bucket_thresholds))
+    filtering.get_filter(self.filter)  # Raises for an unknown name.
+    thresholds = self.bucket_thresholds
+    if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
+      raise ValueError(f"bucket_thresholds={thresholds} must be strictly increasing.")
+    for name in ("topk", "min_context_tokens", "max_prompt_tokens", "completion_tokens",
+                 "score_batch_size", "docs_per_shard"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+    if self.score_seq_len < 2:
+      raise ValueError(f"score_seq_len={self.score_seq_len} must be >= 2.")
+    if not 0 <= self.score_overlap < self.score_seq_len:
+      raise ValueError(f"score_overlap={self.score_overlap} must be in [0, score_seq_len="
+                       f"{self.score_seq_len}).")
+    if not 0.0 <= self.eval_fraction <= 1.0:
+      raise ValueError(f"eval_fraction={self.eval_fraction} must be in [0, 1].")
+    if self.max_positions_per_document is not None and self.max_positions_per_document < 1:
+      raise ValueError(f"max_positions_per_document={self.max_positions_per_document}: use None "
+                       "(no cap) or a count >= 1.")
+    if self.logits_chunk is not None and self.logits_chunk < 1:
+      raise ValueError(f"logits_chunk={self.logits_chunk}: use None or a count >= 1.")
+
+  def to_dict(self) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def tokenizer_identity(tokenizer) -> dict[str, Any]:
+  """Class, special ids, vocab size and a fingerprint of how a fixed probe text encodes."""
+  probe = [int(i) for i in tokenizer.encode(_TOKENIZER_PROBE)]
+  return {
+      "class": type(tokenizer).__name__,
+      "vocab_size": int(tokenizer.vocab_size),
+      "bos_id": getattr(tokenizer, "bos_id", None),
+      "eos_id": getattr(tokenizer, "eos_id", None),
+      "pad_id": getattr(tokenizer, "pad_id", None),
+      "probe_sha256": hashlib.sha256(json.dumps(probe).encode()).hexdigest(),
+  }
+
+
+def proxy_identity(model: nnx.Module) -> dict[str, Any]:
+  """Parameter count and a fingerprint of every parameter's path, shape, dtype and L1 norm."""
+  state = nnx.state(model, nnx.Param)
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  norms = jax.jit(lambda xs: [jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in xs])(
+      [leaf for _, leaf in leaves])
+  digest = hashlib.sha256()
+  for (path, leaf), norm in zip(leaves, norms):
+    digest.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|"
+                  f"{float(norm)!r}\n".encode())
+  return {"class": type(model).__name__,
+          "num_params": int(sum(int(np.prod(leaf.shape)) for _, leaf in leaves)),
+          "params_sha256": digest.hexdigest()}
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Atomic JSON write (temporary name, then rename); sorted keys for byte-stable output."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _shards(documents: Iterator[str], size: int) -> Iterator[list[str]]:
+  while chunk := list(itertools.islice(documents, size)):
+    yield chunk
+
+
+def _split_counts(thresholds: tuple[float, ...]) -> dict[str, Any]:
+  return {"records": 0, "documents": 0, "buckets": {str(b): 0 for b in range(len(thresholds) + 1)}}
+
+
+def _process_shard(shard: int, first_doc_id: int, documents: list[str], config: PrepareConfig,
+                   tokenizer, scorer: filtering.ProxyScorer, out_dir: str) -> dict[str, Any]:
+  """Tokenises, scores, filters and writes one document shard; returns its marker."""
+  encoded = [tokenizer.encode_with_byte_spans(d) for d in documents]
+  ids = [np.asarray(e[0], np.int32) for e in encoded]
+  # A document needs a token at t >= max(1, min_context_tokens) to give any position.
+  usable = [i for i, x in enumerate(ids) if len(x) > max(1, config.min_context_tokens)]
+  per_split = {s: [] for s in records.SPLITS}
+  counts = {s: _split_counts(config.bucket_thresholds) for s in records.SPLITS}
+  marker = {"shard": shard, "documents": len(documents),
+            "short_documents": len(documents) - len(usable), "positions_scored": 0,
+            "positions_selected": 0, "max_completion_bytes": 0}
+  scored = filtering.score_documents(scorer, [ids[i] for i in usable],
+                                     overlap=config.score_overlap, pad_id=tokenizer.pad_id)
+  for j, entropy_T, argmax_T in scored:
+    i = usable[j]
+    doc_id = first_doc_id + i
+    doc_ids = ids[i]
+    correct_T = argmax_T == doc_ids
+    positions = filtering.select_positions(
+        entropy_T, correct_T, filter_name=config.filter, threshold=config.entropy_threshold,
+        min_context_tokens=config.min_context_tokens, rng=filtering.document_rng(config.seed,
+                                                                                 doc_id),
+        max_positions=config.max_positions_per_document)
+    split = records.document_split(doc_id, config.eval_fraction, config.seed)
+    recs = records.make_records(
+        doc_id, doc_ids, encoded[i][1], documents[i].encode("utf-8"), positions, entropy_T,
+        correct_T, filtering.difficulty_buckets(entropy_T, config.bucket_thresholds), split,
+        max_prompt_tokens=config.max_prompt_tokens, completion_tokens=config.completion_tokens)
+    marker["positions_scored"] += int(np.sum(np.isfinite(entropy_T)))
+    marker["positions_selected"] += len(positions)
+    per_split[split].extend(recs)
+    counts[split]["documents"] += 1
+    for r in recs:
+      counts[split]["buckets"][str(r.bucket)] += 1
+      marker["max_completion_bytes"] = max(marker["max_completion_bytes"], len(r.completion))
+  files = {}
+  for split, recs in per_split.items():
+    counts[split]["records"] = len(recs)
+    if recs:
+      files[split] = f"{split}-{shard:05d}.arrayrecord"
+      records.write_shard(os.path.join(out_dir, files[split]), recs)
+  marker.update(files=files, counts=counts)
+  return marker
+
+
+def _manifest(identity: dict[str, Any], markers: list[dict[str, Any]],
+              stats: SourceStats) -> dict[str, Any]:
+  thresholds = tuple(identity["config"]["bucket_thresholds"])
+  counts = {s: _split_counts(thresholds) for s in records.SPLITS}
+  for m in markers:
+    for s in records.SPLITS:
+      counts[s]["records"] += m["counts"][s]["records"]
+      counts[s]["documents"] += m["counts"][s]["documents"]
+      for b, n in m["counts"][s]["buckets"].items():
+        counts[s]["buckets"][b] += n
+  for s in records.SPLITS:
+    buckets = counts[s]["buckets"]
+    # Nested difficulty sets: "above threshold i" = bucket > i.
+    counts[s]["above_threshold"] = {
+        str(t): sum(n for b, n in buckets.items() if int(b) > i) for i, t in enumerate(thresholds)}
+  return {
+      "format": MANIFEST_FORMAT,
+      "record_version": records.FORMAT_VERSION,
+      "identity": identity,
+      "files": {s: [m["files"][s] for m in markers if s in m["files"]] for s in records.SPLITS},
+      "counts": counts,
+      "max_completion_bytes": max(m["max_completion_bytes"] for m in markers),
+      "documents": {
+          "read": stats.documents,
+          "skipped_empty": stats.skipped_empty,
+          "invalid_utf8": stats.invalid_utf8_documents,
+          "short": sum(m["short_documents"] for m in markers),
+          "positions_scored": sum(m["positions_scored"] for m in markers),
+          "positions_selected": sum(m["positions_selected"] for m in markers),
+      },
+      "num_shards": len(markers),
+  }
+
+
+def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: str, *,
+            mesh: Mesh | None = None, show_progress: bool = True, process_index: int = 0,
+            process_count: int = 1) -> dict[str, Any]:
+  """Runs the data stage end to end and returns the manifest (also in out_dir/manifest.json).
+
+  Args:
+    config: the preparation config.
+    tokenizer: an `rpt_jax.tokenizer.Tokenizer` (encode_with_byte_spans, pad_id, vocab_size).
+    proxy_model: the NNX proxy `Transformer` that scores positions.
+    out_dir: output folder (created). Re-running on a finished folder returns its manifest.
+    mesh: shard the scorer's batch over ('data', 'fsdp') of this mesh (devices of this process).
+    show_progress: tqdm progress bar over documents.
+    process_index, process_count: this process handles shards with
+      shard % process_count == process_index; the manifest is written by whichever process
+      finds every shard's marker present (run once more, or on process 0 after a barrier).
+
+  Returns:
+    The manifest dict; when shards of other processes are still missing, a dict with
+    "complete": False and the missing shard ids.
+
+  Raises:
+    ValueError / FileNotFoundError: bad source (before anything is written), an out_dir made
+      with another identity, or no position selected at all (the folder is then removed).
+  """
+  from tqdm.auto import tqdm  # Only for the progress bar.
+
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count="
+                     f"{process_count}).")
+  identity = {"config": config.to_dict(), "tokenizer": tokenizer_identity(tokenizer),
+              "proxy": proxy_identity(proxy_model)}
+  manifest_path = os.path.join(out_dir, MANIFEST)
+  progress_dir = os.path.join(out_dir, PROGRESS)
+  identity_path = os.path.join(progress_dir, "identity.json")
+  for existing in (manifest_path, identity_path):
+    if os.path.exists(existing):
+      found = _read_json(existing)
+      found = found.get("identity", found)
+      if found != identity:
+        raise ValueError(
+            f"{out_dir!r} holds data prepared with another config, tokenizer or proxy "
+            f"({existing}); use a new out_dir or delete it.")
+      if existing == manifest_path:
+        return _read_json(manifest_path)
+
+  stats = SourceStats()
+  documents = iter_documents(config.source, stats)
+  first = next(documents)  # Raises for a missing/empty corpus before anything is created.
+  created = not os.path.exists(out_dir)
+  os.makedirs(progress_dir, exist_ok=True)
+  for stale in glob.glob(os.path.join(out_dir, "*.tmp")) + glob.glob(
+      os.path.join(progress_dir, "*.tmp")):
+    os.remove(stale)  # Left by an interrupted run; never mistaken for output.
+  _write_json(identity_path, identity)
+
+  scorer = filtering.make_proxy_scorer(
+      proxy_model, mesh=mesh, batch_size=config.score_batch_size, seq_len=config.score_seq_len,
+      k=config.topk, logits_chunk=config.logits_chunk)
+  src = config.source
+  total = src.max_documents or (src.synthetic.num_documents if src.kind == "synthetic" else None)
+  num_shards = 0
+  with tqdm(total=total, unit="doc", desc="prepare", disable=not show_progress) as bar:
+    for shard, docs in enumerate(_shards(itertools.chain([first], documents),
+                                         config.docs_per_shard)):
+      num_shards += 1
+      marker_path = os.path.join(progress_dir, f"shard-{shard:05d}.json")
+      if shard % process_count == process_index and not os.path.exists(marker_path):
+        marker = _process_shard(shard, shard * config.docs_per_shard, docs, config, tokenizer,
+                                scorer, out_dir)
+        _write_json(marker_path, marker)
+      bar.update(len(docs))
+
+  marker_paths = [os.path.join(progress_dir, f"shard-{s:05d}.json") for s in range(num_shards)]
+  missing = [s for s, p in enumerate(marker_paths) if not os.path.exists(p)]
+  if missing:
+    return {"complete": False, "missing_shards": missing}
+  manifest = _manifest(identity, [_read_json(p) for p in marker_paths], stats)
+  short = manifest["documents"]["short"]
+  if short:
+    warnings.warn(
+        f"{short} of {stats.documents} documents have at most min_context_tokens="
+        f"{config.min_context_tokens} tokens and gave no positions.", stacklevel=2)
+  if sum(manifest["counts"][s]["records"] for s in records.SPLITS) == 0:
+    shutil.rmtree(progress_dir)
+    if created:
+      shutil.rmtree(out_dir, ignore_errors=True)
+    raise ValueError(
+        f"no position was selected from {stats.documents} documents ({short} shorter than "
+        f"min_context_tokens={config.min_context_tokens} + 1 tokens, filter {config.filter!r}, "
+        f"entropy_threshold={config.entropy_threshold}); lower min_context_tokens or the "
+        "threshold, or use longer documents. Nothing was written.")
+  _write_json(manifest_path, manifest)
+  return manifest

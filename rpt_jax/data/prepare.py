@@ -274,14 +274,21 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
     "complete": False and the missing shard ids.
 
   Raises:
-    ValueError / FileNotFoundError: bad source (before anything is written), an out_dir made
-      with another identity, or no position selected at all (the folder is then removed).
+    ValueError / FileNotFoundError: bad source, a tokenizer with more ids than the proxy's
+      vocabulary, score_seq_len beyond the proxy's context (all before anything is written), an
+      out_dir made with another identity, or no position selected at all (the folder is then
+      removed).
   """
   from tqdm.auto import tqdm  # Only for the progress bar.
 
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count="
                      f"{process_count}).")
+  model_config = getattr(proxy_model, "config", None)
+  if model_config is not None:
+    from rpt_jax.tokenizer import check_vocab_fits
+    check_vocab_fits(tokenizer, model_config.vocab_size)
+    model_config.check_context_length(config.score_seq_len)
   identity = {"config": config.to_dict(), "tokenizer": tokenizer_identity(tokenizer),
               "proxy": proxy_identity(proxy_model)}
   manifest_path = os.path.join(out_dir, MANIFEST)

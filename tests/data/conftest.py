@@ -1,76 +1,49 @@
-"""Fixtures for the data-stage tests: a small tokenizer and a tiny proxy model."""
+"""Fixtures for the data-stage tests: a SentencePiece tokenizer trained here, a tiny Transformer."""
 
 from __future__ import annotations
 
-from typing import Sequence
-
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-import jax.numpy as jnp
+
+from rpt_jax.data import synthetic
+from rpt_jax.model.config import ModelConfig
+from rpt_jax.model.transformer import Transformer
+from rpt_jax.tokenizer import train_sentencepiece
 
 
-class FakeTokenizer:
-  """Greedy longest-match over a few multi-byte pieces, else single bytes (Tokenizer API)."""
-
-  PIECES = (" = ", " + ", "Sequence: ", ", ", "then x", "The answer is ", "é")
-
-  def __init__(self):
-    self.pad_id, self.eos_id, self.bos_id = 0, 1, 2
-    self.stop_ids = (1,)
-    self._pieces = [p.encode() for p in self.PIECES]
-    self.vocab_size = 3 + 256 + len(self._pieces)
-
-  def _piece_bytes(self, i: int) -> bytes:
-    if i < 3:
-      return b""
-    return bytes([i - 3]) if i < 259 else self._pieces[i - 259]
-
-  def encode_with_byte_spans(self, text: str):
-    data, ids, spans, pos = text.encode("utf-8"), [], [], 0
-    while pos < len(data):
-      for k, piece in enumerate(self._pieces):
-        if data.startswith(piece, pos):
-          ids.append(259 + k)
-          spans.append((pos, pos + len(piece)))
-          pos += len(piece)
-          break
-      else:
-        ids.append(3 + data[pos])
-        spans.append((pos, pos + 1))
-        pos += 1
-    return ids, spans
-
-  def encode(self, text: str) -> list[int]:
-    return self.encode_with_byte_spans(text)[0]
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return b"".join(self._piece_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
-
-  def apply_chat_template(self, user_message: str) -> str:
-    return f"<u>{user_message}<a><think>\n"
-
-
-class FakeProxy(nnx.Module):
-  """Logits = E[token] @ W + cumulative-mean context term: depends on every earlier token."""
-
-  def __init__(self, vocab: int, dim: int = 16, *, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    self.embed = nnx.Param(jnp.asarray(rng.normal(size=(vocab, dim)), jnp.float32))
-    self.out = nnx.Param(jnp.asarray(rng.normal(size=(dim, vocab)) * 0.7, jnp.float32))
-
-  def __call__(self, tokens_BL, positions_BL=None, attention_mask_BL=None):
-    x_BLD = self.embed[...][tokens_BL]
-    csum_BLD = jnp.cumsum(x_BLD, axis=1)
-    mean_BLD = csum_BLD / jnp.arange(1, x_BLD.shape[1] + 1)[None, :, None]
-    return (x_BLD + mean_BLD) @ self.out[...]
+def tiny_proxy(vocab_size: int, *, seed: int = 0, logit_scale: float = 25.0) -> Transformer:
+  """A 2-layer Qwen2-style Transformer with a sharpened lm_head, so entropies spread widely."""
+  config = ModelConfig(family="qwen2", vocab_size=vocab_size, hidden_size=32,
+                       intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       head_dim=8, max_position_embeddings=256, tie_word_embeddings=False,
+                       attention_bias=True)
+  model = Transformer(config, rngs=nnx.Rngs(seed))
+  # Random init gives near-uniform logits (entropy ~ log 16 everywhere): sharpen them.
+  model.lm_head.value = model.lm_head.value * logit_scale
+  return model
 
 
 @pytest.fixture(scope="session")
-def fake_tokenizer():
-  return FakeTokenizer()
+def tokenizer(tmp_path_factory):
+  docs = synthetic.synthetic_documents(synthetic.SyntheticConfig(num_documents=300, seed=99))
+  return train_sentencepiece(docs, 400, str(tmp_path_factory.mktemp("sp") / "tok.model"))
 
 
 @pytest.fixture(scope="session")
-def fake_proxy(fake_tokenizer):
-  return FakeProxy(fake_tokenizer.vocab_size)
+def proxy(tokenizer):
+  return tiny_proxy(tokenizer.vocab_size)
+
+
+def causal_forward(model):
+  """Jitted model(tokens) for one fixed shape (the reference pads: causal rows are unaffected)."""
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)), state
+
+
+@pytest.fixture(scope="session")
+def reference_forward(proxy):
+  fn, state = causal_forward(proxy)
+  return lambda tokens_BL: np.asarray(fn(state, jnp.asarray(tokens_BL, jnp.int32)))

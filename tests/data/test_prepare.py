@@ -11,6 +11,7 @@ from rpt_jax.data import prepare as prepare_lib
 from rpt_jax.data import records, synthetic
 from rpt_jax.data.prepare import PrepareConfig, prepare
 from rpt_jax.data.sources import SourceConfig
+from tests.data.conftest import tiny_proxy
 from tests.data.test_filtering import reference_scores
 
 
@@ -36,13 +37,13 @@ def tree_hashes(root) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, fake_tokenizer, fake_proxy):
+def prepared(tmp_path_factory, tokenizer, proxy):
   out = str(tmp_path_factory.mktemp("prep") / "a")
-  manifest = prepare(small_config(), fake_tokenizer, fake_proxy, out, show_progress=False)
+  manifest = prepare(small_config(), tokenizer, proxy, out, show_progress=False)
   return out, manifest
 
 
-def test_records_match_an_independent_recomputation(prepared, fake_tokenizer, fake_proxy):
+def test_records_match_an_independent_recomputation(prepared, tokenizer, reference_forward):
   out, manifest = prepared
   cfg = small_config()
   docs = list(synthetic.synthetic_documents(cfg.source.synthetic))
@@ -60,10 +61,10 @@ def test_records_match_an_independent_recomputation(prepared, fake_tokenizer, fa
     per_doc.setdefault(r.doc_id, []).append(r)
   for doc_id, recs in per_doc.items():
     assert len(recs) <= 6
-    ids, spans = fake_tokenizer.encode_with_byte_spans(docs[doc_id])
+    ids, spans = tokenizer.encode_with_byte_spans(docs[doc_id])
     data = docs[doc_id].encode()
     # The proxy's scores recomputed by hand for a few documents (each shape compiles: slow).
-    ref_ent, ref_arg = (reference_scores(fake_proxy, np.asarray(ids), 32, 8)
+    ref_ent, ref_arg = (reference_scores(reference_forward, np.asarray(ids), 32, 8)
                         if doc_id in sorted(per_doc)[:3] else (None, None))
     for r in recs:
       t = r.position
@@ -84,21 +85,21 @@ def test_records_match_an_independent_recomputation(prepared, fake_tokenizer, fa
   assert manifest["documents"]["read"] == 20
 
 
-def test_preparation_is_byte_identical(prepared, tmp_path, fake_tokenizer, fake_proxy):
+def test_preparation_is_byte_identical(prepared, tmp_path, tokenizer, proxy):
   out, manifest = prepared
   again = str(tmp_path / "b")
-  assert prepare(small_config(), fake_tokenizer, fake_proxy, again,
+  assert prepare(small_config(), tokenizer, proxy, again,
                  show_progress=False) == manifest
   hashes = tree_hashes(out)
   assert hashes == tree_hashes(again)
   assert "manifest.json" in hashes and any(k.endswith(".arrayrecord") for k in hashes)
   # Re-running on a finished folder is a no-op returning its manifest.
-  assert prepare(small_config(), fake_tokenizer, fake_proxy, again,
+  assert prepare(small_config(), tokenizer, proxy, again,
                  show_progress=False) == manifest
   assert tree_hashes(again) == hashes
 
 
-def test_resume_after_interruption(prepared, tmp_path, monkeypatch, fake_tokenizer, fake_proxy):
+def test_resume_after_interruption(prepared, tmp_path, monkeypatch, tokenizer, proxy):
   out, _ = prepared
   target = str(tmp_path / "c")
   real_write = records.write_shard
@@ -113,7 +114,7 @@ def test_resume_after_interruption(prepared, tmp_path, monkeypatch, fake_tokeniz
 
   monkeypatch.setattr(records, "write_shard", crashing_write)
   with pytest.raises(KeyboardInterrupt):
-    prepare(small_config(), fake_tokenizer, fake_proxy, target, show_progress=False)
+    prepare(small_config(), tokenizer, proxy, target, show_progress=False)
   assert not os.path.exists(os.path.join(target, "manifest.json"))
   assert sorted(os.listdir(os.path.join(target, "progress"))) == [
       "identity.json", "shard-00000.json", "shard-00001.json"]
@@ -125,23 +126,23 @@ def test_resume_after_interruption(prepared, tmp_path, monkeypatch, fake_tokeniz
   real_process = prepare_lib._process_shard
   monkeypatch.setattr(prepare_lib, "_process_shard",
                       lambda shard, *a, **k: calls.append(shard) or real_process(shard, *a, **k))
-  prepare(small_config(), fake_tokenizer, fake_proxy, target, show_progress=False)
+  prepare(small_config(), tokenizer, proxy, target, show_progress=False)
   assert calls == [2, 3]  # finished shards were not redone
   assert tree_hashes(target) == tree_hashes(out)
 
 
-def test_other_identity_is_refused(prepared, fake_tokenizer, fake_proxy):
+def test_other_identity_is_refused(prepared, tokenizer, proxy):
   out, _ = prepared
   with pytest.raises(ValueError, match="prepared with another config"):
-    prepare(small_config(entropy_threshold=1.0), fake_tokenizer, fake_proxy, out,
+    prepare(small_config(entropy_threshold=1.0), tokenizer, proxy, out,
             show_progress=False)
 
 
-def test_bad_corpora_raise_and_leave_nothing(tmp_path, fake_tokenizer, fake_proxy):
+def test_bad_corpora_raise_and_leave_nothing(tmp_path, tokenizer, proxy):
   out = str(tmp_path / "out")
 
   def run(source, **kw):
-    return prepare(small_config(source=source, **kw), fake_tokenizer, fake_proxy, out,
+    return prepare(small_config(source=source, **kw), tokenizer, proxy, out,
                    show_progress=False)
 
   (tmp_path / "empty").mkdir()
@@ -151,6 +152,10 @@ def test_bad_corpora_raise_and_leave_nothing(tmp_path, fake_tokenizer, fake_prox
     run(SourceConfig(kind="jsonl", path=str(tmp_path / "missing.jsonl")))
   with pytest.raises(FileNotFoundError, match="TFDS dataset 'no_such_corpus' is not prepared"):
     run(SourceConfig(kind="tfds", name="no_such_corpus", data_dir=str(tmp_path / "tfds")))
+  with pytest.raises(ValueError, match="embedding has only 300 rows"):
+    prepare(small_config(), tokenizer, tiny_proxy(300), out, show_progress=False)
+  with pytest.raises(ValueError, match="exceeds max_position_embeddings=256"):
+    prepare(small_config(score_seq_len=512), tokenizer, proxy, out, show_progress=False)
   assert not os.path.exists(out)
 
   # All documents shorter than the minimum context: an error, and the folder is removed.
@@ -172,7 +177,7 @@ def test_bad_corpora_raise_and_leave_nothing(tmp_path, fake_tokenizer, fake_prox
   assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
-def test_non_utf8_and_short_documents_are_counted(tmp_path, fake_tokenizer, fake_proxy):
+def test_non_utf8_and_short_documents_are_counted(tmp_path, tokenizer, proxy):
   corpus = tmp_path / "txt"
   corpus.mkdir()
   docs = list(synthetic.synthetic_documents(synthetic.SyntheticConfig(num_documents=4)))
@@ -181,7 +186,7 @@ def test_non_utf8_and_short_documents_are_counted(tmp_path, fake_tokenizer, fake
   (corpus / "9.txt").write_text("tiny")
   with pytest.warns(UserWarning) as caught:
     manifest = prepare(small_config(source=SourceConfig(kind="text", path=str(corpus))),
-                       fake_tokenizer, fake_proxy, str(tmp_path / "o"), show_progress=False)
+                       tokenizer, proxy, str(tmp_path / "o"), show_progress=False)
   messages = " ".join(str(w.message) for w in caught)
   assert "1.txt: 1 file(s) contained bytes that are not valid UTF-8" in messages
   assert "1 of 5 documents have at most min_context_tokens=8" in messages

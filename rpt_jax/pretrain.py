@@ -1,0 +1,441 @@
+"""Plain next-token pretraining from scratch, mixed with formatted next-token-reasoning examples.
+
+This module owns the `pretrain` mode: it turns a tiny random policy into one that (a) models the
+corpus and (b) already answers an RPT prompt in the RPT format, so that RPT starts from a policy
+that is not random (the paper starts from R1-Distill-Qwen, which reasons and boxes answers).
+
+Rows of a batch (one kind per row, no packing):
+  plain      one chunk of one document: its token ids, then EOS at the document's end, split
+             into chunks of at most `seq_len` tokens and right-padded. Loss on every real target.
+             Not packing is the simplest correct choice: the model's attention is causal on
+             positions plus a key-padding mask, with no segment ids, so packed documents would
+             attend to each other. Synthetic documents (~150-250 tokens) fill most of a row.
+  reasoning  a (document, position t) pair: the prompt of `rpt_jax.rl.prompts.build_prompt_ids`
+             for the context (the up to `max_context_tokens` tokens before t, decoded with the
+             tokenizer as the data pipeline does), then the response
+             `format_response(thought, answer)` + EOS, where `answer` is the exact text of token
+             t (its bytes in the document, which is what the prefix-matching reward compares).
+             Loss ONLY on the response tokens. Answers that would not round-trip through
+             `extract_prediction` (unbalanced braces, `</think>`), empty or newline-only answers,
+             answers/contexts that split a UTF-8 character, and examples longer than `seq_len`
+             are skipped (counted in `PretrainBatches.skipped`).
+Every row starts at position 0 (positions = arange), like prompts at sampling time.
+
+Batch `s` is a pure function of (documents, tokenizer, config, s): it holds
+round((s+1) B f) - round(s B f) reasoning rows (f = reasoning_example_fraction, so the long-run
+share is exact), drawn with a generator seeded by (seed, s); plain chunks are taken in order
+from per-epoch seeded permutations. So a resumed run sees the same batches.
+
+The train step is one jitted pure function of (params, opt_state, batch) with the state donated;
+with a mesh, params/opt state keep the `rpt_jax.mesh.state_shardings` layout and the batch is
+split over the 'batch' rule (data x fsdp). The loss is the masked mean next-token NLL, from
+`rpt_jax.rl.loss.token_logprobs_and_entropy` on the final hidden states and the unembedding
+(chunked, vocab-parallel), so no [B, L, V] logits are held. Optimiser: AdamW (decay on matrices
+only), linear warmup then cosine decay, global-norm clipping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rpt_jax import mesh as mesh_lib
+from rpt_jax import tokenizer as tokenizer_lib
+from rpt_jax.rl import loss as loss_lib
+from rpt_jax.rl import prompts
+
+_MAX_DRAWS_PER_EXAMPLE = 64  # rejection-sampling budget before a clear error
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+  """Pretraining settings (validated).
+
+  Attributes:
+    steps: optimiser steps.
+    batch_size: rows per step (global); a multiple of data x fsdp when sharded.
+    seq_len: tokens per row.
+    learning_rate: peak AdamW learning rate (after warmup).
+    warmup_steps: linear warmup from 0; then cosine decay to `end_learning_rate_fraction` x peak.
+    end_learning_rate_fraction: final learning rate / peak.
+    weight_decay: AdamW decay, applied to matrices only (not norms and biases).
+    b1, b2: Adam betas.
+    grad_clip_norm: global-norm clip (0: off).
+    reasoning_example_fraction: share of rows that are formatted reasoning examples, in [0, 1].
+    thought: the fixed chain-of-thought text of the examples (must not hold `</think>`).
+    template: prompt template name (`rpt_jax.rl.prompts.TEMPLATES`).
+    max_context_tokens: most document tokens before the position put in an example's context.
+    min_context_tokens: positions with fewer tokens before them are not used (>= 1).
+    seed: seeds the batch stream (documents order, example positions).
+    log_every: report metrics every this many steps (and at the last step).
+    chunk_size: positions per chunk of the log-prob computation.
+  """
+
+  steps: int = 300
+  batch_size: int = 32
+  seq_len: int = 256
+  learning_rate: float = 1e-3
+  warmup_steps: int = 50
+  end_learning_rate_fraction: float = 0.1
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip_norm: float = 1.0
+  reasoning_example_fraction: float = 0.5
+  thought: str = "Let me work out the next token."
+  template: str = "v0"
+  max_context_tokens: int = 64
+  min_context_tokens: int = 8
+  seed: int = 0
+  log_every: int = 10
+  chunk_size: int = 256
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "log_every", "chunk_size", "max_context_tokens",
+                 "min_context_tokens"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"pretrain.{name}={getattr(self, name)} must be >= 1.")
+    if self.seq_len < 2:
+      raise ValueError(f"pretrain.seq_len={self.seq_len} must be >= 2 (a token and its target).")
+    if self.warmup_steps < 0:
+      raise ValueError(f"pretrain.warmup_steps={self.warmup_steps} must be >= 0.")
+    if not self.learning_rate > 0:
+      raise ValueError(f"pretrain.learning_rate={self.learning_rate} must be > 0.")
+    if not 0.0 <= self.end_learning_rate_fraction <= 1.0:
+      raise ValueError(f"pretrain.end_learning_rate_fraction={self.end_learning_rate_fraction} "
+                       "must be in [0, 1].")
+    if self.weight_decay < 0 or self.grad_clip_norm < 0:
+      raise ValueError(f"pretrain.weight_decay={self.weight_decay} and grad_clip_norm="
+                       f"{self.grad_clip_norm} must be >= 0 (grad_clip_norm 0 = no clipping).")
+    if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
+      raise ValueError(f"pretrain betas b1={self.b1}, b2={self.b2} must be in [0, 1).")
+    if not 0.0 <= self.reasoning_example_fraction <= 1.0:
+      raise ValueError(f"pretrain.reasoning_example_fraction={self.reasoning_example_fraction} "
+                       "must be in [0, 1].")
+    if prompts.THINK_END in self.thought:
+      raise ValueError(f"pretrain.thought must not contain {prompts.THINK_END!r}: the answer "
+                       "after it would be lost.")
+    prompts.get_template(self.template)  # raises naming the registered templates
+
+
+@dataclasses.dataclass
+class PretrainBatch:
+  """One batch (numpy, host side). B = batch_size, L = seq_len.
+
+  Attributes:
+    tokens: int32 [B, L], right-padded with the tokenizer's pad id.
+    loss_mask: float32 [B, L]; [b, t] = 1 where the loss predicts tokens[b, t + 1] from position
+      t (the targets are the tokens shifted left; the last column is always 0).
+    attention_mask: int32 [B, L], 1 for real tokens.
+    positions: int32 [B, L], arange(L) in every row.
+    is_reasoning: bool [B], True for reasoning-example rows.
+  """
+
+  tokens: np.ndarray
+  loss_mask: np.ndarray
+  attention_mask: np.ndarray
+  positions: np.ndarray
+  is_reasoning: np.ndarray
+
+  def as_dict(self) -> dict[str, np.ndarray]:
+    return dataclasses.asdict(self)
+
+
+class PretrainBatches:
+  """Deterministic host-side batch builder (see the module docstring); `batch(step)` is pure."""
+
+  def __init__(self, tokenizer: tokenizer_lib.Tokenizer, documents: Sequence[str],
+               config: PretrainConfig):
+    self.tokenizer, self.config = tokenizer, config
+    self._ids: list[np.ndarray] = []
+    self._bytes: list[bytes] = []
+    self._starts: list[np.ndarray] = []  # byte offset where token i starts (len + 1 entries)
+    chunks = []  # (document, first token) of each plain chunk
+    candidates = []  # (document, position) pairs with enough context
+    for d, text in enumerate(documents):
+      ids, spans = tokenizer.encode_with_byte_spans(text)
+      if not ids:
+        continue
+      self._ids.append(np.asarray(ids + [tokenizer.eos_id], np.int32))
+      self._bytes.append(text.encode("utf-8"))
+      self._starts.append(np.asarray([s for s, _ in spans] + [spans[-1][1]], np.int64))
+      doc = len(self._ids) - 1
+      n = len(self._ids[doc])
+      chunks.extend((doc, start) for start in range(0, n - 1, config.seq_len))
+      first = max(1, config.min_context_tokens)
+      candidates.extend((doc, t) for t in range(first, len(ids)))
+    if not self._ids:
+      raise ValueError("pretraining got no non-empty documents.")
+    self._chunks = np.asarray(chunks, np.int64).reshape(-1, 2)
+    self._candidates = np.asarray(candidates, np.int64).reshape(-1, 2)
+    if config.reasoning_example_fraction > 0 and not len(self._candidates):
+      raise ValueError(f"no document has more than min_context_tokens="
+                       f"{config.min_context_tokens} tokens, so no reasoning example can be "
+                       "built; lower pretrain.min_context_tokens or use longer documents.")
+    self._permutations: dict[int, np.ndarray] = {}
+    self.skipped = {"bad_answer": 0, "bad_utf8": 0, "too_long": 0}
+
+  @property
+  def num_plain_chunks(self) -> int:
+    return len(self._chunks)
+
+  def num_reasoning_rows(self, step: int) -> int:
+    """Reasoning rows in batch `step`: the cumulative count round(s B f) is exact long-run."""
+    per_step = self.config.batch_size * self.config.reasoning_example_fraction
+    return int(np.floor((step + 1) * per_step + 0.5) - np.floor(step * per_step + 0.5))
+
+  def example(self, doc: int, position: int) -> tuple[list[int], list[int]] | None:
+    """(prompt_ids, response_ids) predicting token `position` of document `doc`, or None (and
+    counted in `skipped`) when the example must be skipped. response_ids end with EOS."""
+    cfg, tok = self.config, self.tokenizer
+    starts, data = self._starts[doc], self._bytes[doc]
+    try:
+      answer = data[starts[position]:starts[position + 1]].decode("utf-8")
+    except UnicodeDecodeError:  # a byte-fallback token holding part of a character
+      self.skipped["bad_utf8"] += 1
+      return None
+    if not answer or (not answer.strip() and "\n" in answer):
+      self.skipped["bad_answer"] += 1
+      return None
+    context_ids = self._ids[doc][max(0, position - cfg.max_context_tokens):position]
+    context = tok.decode(context_ids.tolist())
+    try:
+      user, response = prompts.format_reasoning_example(context, cfg.thought, answer,
+                                                        cfg.template)
+    except ValueError:  # unbalanced braces or `</think>`: cannot be stated in \boxed{}
+      self.skipped["bad_answer"] += 1
+      return None
+    prompt_ids = list(tok.encode(tok.apply_chat_template(user)))
+    response_ids = list(tok.encode(response)) + [tok.eos_id]
+    if len(prompt_ids) + len(response_ids) > cfg.seq_len:
+      self.skipped["too_long"] += 1
+      return None
+    return prompt_ids, response_ids
+
+  def _plain_chunk(self, index: int) -> tuple[int, int]:
+    """The `index`-th plain chunk of the stream of per-epoch seeded permutations."""
+    epoch, offset = divmod(index, len(self._chunks))
+    if epoch not in self._permutations:
+      if len(self._permutations) > 2:
+        self._permutations.clear()
+      rng = np.random.default_rng([self.config.seed, 0, epoch])
+      self._permutations[epoch] = rng.permutation(len(self._chunks))
+    doc, start = self._chunks[self._permutations[epoch][offset]]
+    return int(doc), int(start)
+
+  def batch(self, step: int) -> PretrainBatch:
+    """Batch `step` (>= 0): reasoning rows first, then plain rows."""
+    cfg = self.config
+    b, l = cfg.batch_size, cfg.seq_len
+    tokens = np.full((b, l), self.tokenizer.pad_id, np.int32)
+    loss_mask = np.zeros((b, l), np.float32)
+    attention_mask = np.zeros((b, l), np.int32)
+    is_reasoning = np.zeros((b,), bool)
+    n_reasoning = self.num_reasoning_rows(step)
+    rng = np.random.default_rng([cfg.seed, 1, step])
+    for row in range(n_reasoning):
+      for _ in range(_MAX_DRAWS_PER_EXAMPLE):
+        doc, position = self._candidates[rng.integers(len(self._candidates))]
+        built = self.example(int(doc), int(position))
+        if built is not None:
+          break
+      else:
+        raise ValueError(
+            f"no valid reasoning example in {_MAX_DRAWS_PER_EXAMPLE} draws (skipped so far: "
+            f"{self.skipped}); if 'too_long' dominates, raise pretrain.seq_len={l} or lower "
+            f"max_context_tokens={cfg.max_context_tokens} / use a shorter template than "
+            f"{cfg.template!r}.")
+      prompt_ids, response_ids = built
+      ids = prompt_ids + response_ids
+      tokens[row, :len(ids)] = ids
+      attention_mask[row, :len(ids)] = 1
+      # Position t predicts token t + 1: from the last prompt token to the token before EOS.
+      loss_mask[row, len(prompt_ids) - 1:len(ids) - 1] = 1.0
+      is_reasoning[row] = True
+    if n_reasoning < b and not len(self._chunks):
+      raise ValueError("no document has 2 or more tokens for plain rows.")
+    plain_before = step * b - int(np.floor(step * b * cfg.reasoning_example_fraction + 0.5))
+    for k, row in enumerate(range(n_reasoning, b)):
+      doc, start = self._plain_chunk(plain_before + k)
+      ids = self._ids[doc][start:start + l]
+      tokens[row, :len(ids)] = ids
+      attention_mask[row, :len(ids)] = 1
+      loss_mask[row, :len(ids) - 1] = 1.0
+    positions = np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy()
+    return PretrainBatch(tokens, loss_mask, attention_mask, positions, is_reasoning)
+
+
+def batch_loss(model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int = 256,
+               mesh: jax.sharding.Mesh | None = None,
+               rules: mesh_lib.ShardingRules | None = None) -> tuple[jax.Array, dict]:
+  """Masked mean next-token NLL of a batch (a `PretrainBatch.as_dict()` of arrays), and metrics
+  {'loss', 'plain_loss', 'reasoning_loss', 'loss_tokens'} (fp32 scalars; a kind absent from the
+  batch gets loss 0). Pure and jittable; the gradient flows into `model`'s params."""
+  tokens_BL = batch["tokens"]
+  hidden_BLD, _ = model.hidden_states(tokens_BL, batch["positions"], batch["attention_mask"])
+  targets_BL = jnp.concatenate([tokens_BL[:, 1:], jnp.zeros_like(tokens_BL[:, :1])], axis=1)
+  logp_BL, _ = loss_lib.token_logprobs_and_entropy(
+      hidden_BLD, model.unembedding(), targets_BL, chunk_size=chunk_size, mesh=mesh, rules=rules)
+  mask_BL = batch["loss_mask"].astype(jnp.float32)
+  nll_BL = -logp_BL * mask_BL
+  reasoning_B = batch["is_reasoning"].astype(jnp.float32)
+
+  def mean(weight_B):
+    total = (nll_BL * weight_B[:, None]).sum()
+    count = (mask_BL * weight_B[:, None]).sum()
+    return total / jnp.maximum(count, 1.0)
+
+  loss = nll_BL.sum() / jnp.maximum(mask_BL.sum(), 1.0)
+  return loss, {"loss": loss, "plain_loss": mean(1.0 - reasoning_B),
+                "reasoning_loss": mean(reasoning_B), "loss_tokens": mask_BL.sum()}
+
+
+def make_optimizer(config: PretrainConfig) -> tuple[optax.GradientTransformation, Callable]:
+  """(AdamW with warmup-cosine schedule and global-norm clipping, the schedule)."""
+  warmup = min(config.warmup_steps, config.steps)
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+      decay_steps=max(config.steps, warmup + 1),
+      end_value=config.learning_rate * config.end_learning_rate_fraction)
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+  adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2,
+                      weight_decay=config.weight_decay, mask=decay_mask)
+  if config.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw), schedule
+  return adamw, schedule
+
+
+def pretrain(model: nnx.Module, tokenizer: tokenizer_lib.Tokenizer, documents: Sequence[str],
+             config: PretrainConfig, *, mesh: jax.sharding.Mesh | None = None,
+             rules: mesh_lib.ShardingRules | None = None, progress: bool = True,
+             log_fn: Callable[[int, dict], None] | None = None,
+             eval_fn: Callable[[int, nnx.Module], dict] | None = None) -> dict:
+  """Trains `model` (an rpt_jax Transformer) in place on `documents`; returns final metrics.
+
+  Args:
+    model: the policy; its params are replaced by the trained ones at the end (`nnx.update`).
+    tokenizer: the policy's tokenizer (ids must fit the model's vocabulary).
+    documents: the corpus (str each).
+    config: pretraining settings.
+    mesh, rules: shard params (`state_shardings`) and the batch (rule 'batch') over `mesh`.
+    progress: show a tqdm bar.
+    log_fn: called as log_fn(step, metrics) every `log_every` steps and at the last step (step
+      counts completed steps, 1-based); metrics are Python floats: loss, plain_loss,
+      reasoning_loss, grad_norm, learning_rate, tokens_per_second, steps_per_second (+ eval_fn's).
+    eval_fn: called at the same steps as eval_fn(step, model) with the model holding the current
+      params; its dict is merged into the logged metrics (e.g. a format-rate probe).
+
+  Returns:
+    The last logged metrics plus steps, seconds (after the first step, which compiles),
+    tokens_per_second (real, non-padding tokens), steps_per_second, padding_fraction and the
+    batch builder's skipped-example counts (skipped_*).
+  """
+  tokenizer_lib.check_vocab_fits(tokenizer, model.config.vocab_size)
+  model.config.check_context_length(config.seq_len)
+  if mesh is not None:
+    rules = rules or mesh_lib.ShardingRules()
+    axes = rules.mesh_axes("batch") or ()
+    batch_shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str)
+                                                        else axes)]))
+    if config.batch_size % batch_shards:
+      raise ValueError(f"pretrain.batch_size={config.batch_size} is not a multiple of the "
+                       f"{batch_shards} batch shards of the mesh; use a multiple.")
+  batches = PretrainBatches(tokenizer, documents, config)
+  tx, schedule = make_optimizer(config)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  if mesh is None:
+    param_shardings = batch_shardings = None
+  else:
+    param_shardings = mesh_lib.state_shardings(params, mesh, rules)
+    batch_shardings = {k: rules.sharding(mesh, ("batch", "length")[:v.ndim], v.shape)
+                       for k, v in batches.batch(0).as_dict().items()}
+  # A fresh copy, so that donating it to the step leaves `model` intact.
+  params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)(params)
+  if mesh is None:
+    opt_shardings = None
+  else:  # moments like their params; step counts and other scalars replicated
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), param_shardings,
+        transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+
+  def train_step(params, opt_state, batch):
+    def loss_fn(p):
+      return batch_loss(nnx.merge(graphdef, p, rest), batch, chunk_size=config.chunk_size,
+                        mesh=mesh, rules=rules)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return params, opt_state, metrics
+
+  if mesh is None:
+    step_fn = jax.jit(train_step, donate_argnums=(0, 1))
+  else:
+    step_fn = jax.jit(train_step, donate_argnums=(0, 1),
+                      in_shardings=(param_shardings, opt_shardings, batch_shardings),
+                      out_shardings=(param_shardings, opt_shardings, None))
+
+  def to_device(batch: PretrainBatch) -> dict[str, jax.Array]:
+    arrays = batch.as_dict()
+    if mesh is None:
+      return {k: jnp.asarray(v) for k, v in arrays.items()}
+    # Every process builds the same global batch (cheap) and keeps its own shards.
+    return {k: jax.make_array_from_callback(v.shape, batch_shardings[k],
+                                            functools.partial(lambda a, idx: a[idx], v))
+            for k, v in arrays.items()}
+
+  real_tokens = padded_tokens = 0
+  metrics, logged = None, {}
+  t_start = time.perf_counter()
+  t_after_first, tokens_after_first = None, 0
+  bar = tqdm.tqdm(total=config.steps, disable=not progress, desc="pretrain", unit="step")
+  for step in range(config.steps):
+    host_batch = batches.batch(step)
+    real = int(host_batch.attention_mask.sum())
+    real_tokens += real
+    padded_tokens += host_batch.tokens.size
+    params, opt_state, metrics = step_fn(params, opt_state, to_device(host_batch))
+    if step == 0:
+      jax.block_until_ready(metrics)
+      t_after_first = time.perf_counter()
+    else:
+      tokens_after_first += real
+    bar.update(1)
+    done = step + 1
+    if done % config.log_every == 0 or done == config.steps:
+      logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      elapsed = time.perf_counter() - t_after_first
+      logged["learning_rate"] = float(schedule(step))
+      logged["steps_per_second"] = (done - 1) / elapsed if done > 1 else 0.0
+      logged["tokens_per_second"] = tokens_after_first / elapsed if done > 1 else 0.0
+      if eval_fn is not None:
+        nnx.update(model, jax.tree.map(jnp.copy, params))  # a copy: the next step donates params
+        logged.update(eval_fn(done, model))
+      bar.set_postfix(loss=f"{logged['loss']:.3f}", reasoning=f"{logged['reasoning_loss']:.3f}")
+      if log_fn is not None:
+        log_fn(done, dict(logged))
+  bar.close()
+  jax.block_until_ready(params)
+  seconds = time.perf_counter() - (t_after_first or t_start)
+  nnx.update(model, params)
+  result = dict(logged)
+  result.update(
+      steps=config.steps, seconds=seconds, total_seconds=time.perf_counter() - t_start,
+      steps_per_second=(config.steps - 1) / seconds if config.steps > 1 else 0.0,
+      tokens_per_second=tokens_after_first / seconds if config.steps > 1 else 0.0,
+      padding_fraction=1.0 - real_tokens / max(padded_tokens, 1),
+      **{f"skipped_{k}": v for k, v in batches.skipped.items()})
+  return result

@@ -16,7 +16,7 @@ import glob
 import json
 import logging
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
@@ -177,7 +177,7 @@ def load_hf(path: str | os.PathLike, *, mesh: Mesh | None = None,
   entries.sort(key=lambda e: -np.prod(e.variable.value.shape))
   for entry in entries:
     shape = tuple(entry.variable.value.shape)
-    target = jnp_dtype(config.param_dtype)
+    target = _np_dtype(config.param_dtype)
     # The same rule state_shardings applies: logical axes -> mesh axes that divide the shape.
     sharding = (rules.sharding(mesh, mesh_lib.variable_logical_axes(entry.variable), shape)
                 if mesh is not None else SingleDeviceSharding(jax.devices()[0]))
@@ -188,14 +188,16 @@ def load_hf(path: str | os.PathLike, *, mesh: Mesh | None = None,
       if hf_shape != want:
         raise ValueError(f"tensor {entry.hf_name!r} has shape {hf_shape} in the checkpoint but "
                          f"the config implies {want}; the weights do not match config.json.")
-      read: Callable = lambda index, s=hf_slice, k=entry.kind, sh=shape: np.ascontiguousarray(
-          _read_shard(s, k, sh, index if index is not None else (slice(None),) * len(sh)),
-          dtype=target)
+
+      def read(index, hf_slice=hf_slice, kind=entry.kind, shape=shape):
+        index = (slice(None),) * len(shape) if index is None else index
+        return np.ascontiguousarray(_read_shard(hf_slice, kind, shape, index), dtype=target)
+
       entry.variable.value = jax.make_array_from_callback(shape, sharding, read)
   return model, config
 
 
-def jnp_dtype(name: str) -> np.dtype:
+def _np_dtype(name: str) -> np.dtype:
   return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
@@ -215,7 +217,7 @@ def save_hf(model: Transformer, model_config: ModelConfig, path: str | os.PathLi
   """
   path = os.fspath(path)
   dtype = dtype or model_config.param_dtype
-  target = jnp_dtype(dtype)
+  target = _np_dtype(dtype)
   entries = list(_entries(model))
   sizes = [int(np.prod(e.variable.value.shape)) * target.itemsize for e in entries]
   groups: list[list[int]] = [[]]

@@ -298,3 +298,16 @@ class Transformer(nnx.Module):
     logits = jnp.einsum("BLD,DV->BLV", hidden_BLD.astype(cd), self.unembedding().astype(cd),
                         preferred_element_type=jnp.float32)
     return mesh_lib.shard_activation(logits, ("batch", "length", "vocab"), self.mesh, self.rules)
+
+
+def init_model(config: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+               rules: mesh_lib.ShardingRules | None = None) -> Transformer:
+  """A randomly initialised Transformer; with a mesh, each parameter is created directly in its
+  sharded layout (jit with out_shardings), so no device ever holds the whole model."""
+  make = lambda: Transformer(config, rngs=nnx.Rngs(seed), mesh=mesh, rules=rules)
+  if mesh is None:
+    return make()
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
+  shardings = mesh_lib.state_shardings(abstract_state, mesh, rules)
+  state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
+  return nnx.merge(graphdef, state)

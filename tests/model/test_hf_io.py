@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from rpt_jax import mesh as mesh_lib
 from rpt_jax.model import hf_io
 
 
@@ -47,6 +49,11 @@ def test_multi_file_checkpoint_with_index_round_trips(hf_models, tmp_path):
   np.testing.assert_allclose(_logits(reloaded, TOKENS), _logits(hf_model, TOKENS), atol=1e-5)
   again, _ = hf_io.load_hf(tmp_path)
   np.testing.assert_array_equal(np.asarray(again(TOKENS)), np.asarray(model(TOKENS)))
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, fsdp=4, tensor=2))
+  sharded, _ = hf_io.load_hf(tmp_path, mesh=mesh)  # Each device reads only its slice.
+  o = sharded.layers[1].attn.o.value  # [N=8, H=8, D=64]: heads over tensor, embed over fsdp.
+  assert o.sharding.spec == jax.sharding.PartitionSpec("tensor", None, "fsdp")
+  np.testing.assert_array_equal(np.asarray(o), np.asarray(model.layers[1].attn.o.value))
 
 
 def test_bf16_save_and_load(hf_models, tmp_path):
@@ -110,3 +117,13 @@ def test_load_errors_name_the_problem(hf_models, tmp_path):
       {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
   with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
     hf_io.load_hf(index)
+
+
+def test_unused_checkpoint_tensors_are_reported(hf_models, tmp_path, caplog):
+  extra = _copy(hf_models["qwen2"][1], tmp_path / "extra")
+  tensors = load_file(extra / "model.safetensors")
+  tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)  # Ignored.
+  tensors["model.vision_tower.weight"] = np.ones(3, np.float32)
+  save_file(tensors, extra / "model.safetensors")
+  hf_io.load_hf(extra)
+  assert "model.vision_tower.weight" in caplog.text and "inv_freq" not in caplog.text

@@ -204,3 +204,17 @@ def test_context_longer_than_sliding_window_is_refused(ours):
   with pytest.raises(ValueError, match="max_position_embeddings=256"):
     ours["qwen2"].hidden_states(np.zeros((1, 4), np.int32),
                                 cache=KVCache.init(ours["qwen2"].config, 1, 300))
+
+
+def test_init_model_sharded_equals_unsharded():
+  from rpt_jax.model.config import ModelConfig
+  from rpt_jax.model.transformer import init_model
+  cfg = ModelConfig("llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                    num_heads=4, num_kv_heads=2, head_dim=8)
+  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2, tensor=2))
+  sharded, plain = init_model(cfg, seed=3, mesh=mesh), init_model(cfg, seed=3)
+  assert sharded.layers[0].mlp.down.value.sharding.spec == jax.sharding.PartitionSpec(
+      "tensor", "fsdp")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),  # jit vs eager ulps.
+               nnx.to_pure_dict(nnx.state(sharded)), nnx.to_pure_dict(nnx.state(plain)))
+  assert np.std(np.asarray(plain.embed.value)) == pytest.approx(0.02, rel=0.1)

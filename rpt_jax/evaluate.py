@@ -1,0 +1,497 @@
+"""Evaluation: next-token accuracy by difficulty (the paper's Table 1), and its scaling curve.
+
+This module owns the held-out evaluation of a policy on prepared position records:
+
+- `load_eval_positions`: the records of one split of a prepared folder, in a deterministic order.
+- Difficulty splits (nested, PAPER.md): a record's `bucket` counts the manifest's
+  `bucket_thresholds` its proxy entropy strictly exceeds, so with the paper's (0.5, 1.0, 1.5)
+  easy = bucket >= 1, medium = bucket >= 2, hard = bucket >= 3; plus `all` (every record).
+- Two modes. `standard_accuracy`: the argmax of the model's next-token logits after the raw
+  context equals the true next token (compared as BYTES, so a different id spelling the same
+  bytes counts). `reasoning_accuracy`: the policy is prompted (template + chat template), samples
+  `num_samples` answers, and each is scored with `rpt_jax.rl.reward.score_rollouts`; the paper's
+  metric is the reward of ONE sampled answer (the first sample), reported with the mean over
+  samples, pass@k (unbiased estimator), the format rate and the mean response length.
+- `evaluate` -> a JSON-able report {split: {metric: value}} in percent, `format_table` (Table-1
+  shaped text), `plot_report` (grouped bars, several labelled reports), `write_report`.
+- Across checkpoints: `scaling_report` fits P(C) = A / C^alpha + P* per split with
+  `rpt_jax.scaling`, and `rl_step_flops` gives the compute C of one RL step.
+
+Metrics of a split with no position are None (JSON null), never NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rpt_jax import mesh as mesh_lib
+from rpt_jax import scaling
+from rpt_jax.data.pipeline import read_manifest
+from rpt_jax.data.records import SPLITS, PositionRecord, read_shard
+from rpt_jax.rl import prompts
+from rpt_jax.rl import reward as reward_lib
+
+MODES = ("standard", "reasoning")
+SPLIT_NAMES = ("easy", "medium", "hard")  # names of buckets >= 1, 2, 3 (the paper's three)
+MODE_LABELS = {"standard_accuracy": "standard next-token prediction (argmax)",
+               "reasoning_accuracy": "next-token reasoning (1 sample)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What `evaluate` runs.
+
+  Attributes:
+    max_positions: evaluate a seeded random subset of this many records (None: all).
+    num_samples: sampled answers per position (n of pass@k).
+    pass_k: the k of each reported pass@k (each <= num_samples).
+    temperature: sampling temperature (0: greedy).
+    max_new_tokens: response budget in tokens.
+    template: prompt template name (`rpt_jax.rl.prompts.TEMPLATES`).
+    reward: reward name (`rpt_jax.rl.reward.REWARDS`), one that needs no model probabilities.
+    batch_size: contexts per device call (standard: rows; reasoning: contexts, x num_samples
+      rows).
+    prompt_buckets: increasing static prompt lengths; longer prompts lose context tokens from
+      their start.
+    length_multiple: standard mode pads contexts to a multiple of this many tokens.
+    modes: which of `MODES` to run.
+    seed: seeds the subset choice of `max_positions`.
+    micro_batch: passed to the sampler (contexts per decode call; None: all).
+  """
+
+  max_positions: int | None = None
+  num_samples: int = 1
+  pass_k: tuple[int, ...] = (1,)
+  temperature: float = 0.8
+  max_new_tokens: int = 1024
+  template: str = "v0"
+  reward: str = "prefix_match"
+  batch_size: int = 8
+  prompt_buckets: tuple[int, ...] = (512, 1024, 2048)
+  length_multiple: int = 64
+  modes: tuple[str, ...] = MODES
+  seed: int = 0
+  micro_batch: int | None = None
+
+  def __post_init__(self):
+    for name in ("pass_k", "prompt_buckets", "modes"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    if self.max_positions is not None and self.max_positions < 1:
+      raise ValueError(f"eval max_positions={self.max_positions}: use None (all) or >= 1.")
+    for name in ("num_samples", "max_new_tokens", "batch_size", "length_multiple"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"eval {name}={getattr(self, name)} must be >= 1.")
+    if any(not 1 <= k <= self.num_samples for k in self.pass_k) or len(set(self.pass_k)) != len(
+        self.pass_k):
+      raise ValueError(f"eval pass_k={self.pass_k}: each k must be distinct and in [1, "
+                       f"num_samples={self.num_samples}]; raise num_samples or drop that k.")
+    if not self.temperature >= 0:
+      raise ValueError(f"eval temperature={self.temperature} must be >= 0 (0 = greedy).")
+    b = self.prompt_buckets
+    if not b or b[0] < 1 or any(y <= x for x, y in zip(b, b[1:])):
+      raise ValueError(f"eval prompt_buckets={b} must be increasing positive lengths.")
+    if not self.modes or set(self.modes) - set(MODES):
+      raise ValueError(f"eval modes={self.modes}: choose a non-empty subset of {MODES}.")
+    prompts.get_template(self.template)  # Raises for an unknown name.
+    if reward_lib.get_reward(self.reward).needs_first_token_prob:
+      raise ValueError(f"eval reward={self.reward!r} needs the policy's first-token "
+                       "probabilities; evaluate with 'prefix_match' or 'first_token'.")
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+def load_eval_positions(records_dir: str, *, split: str = "eval", max_positions: int | None = None,
+                        seed: int = 0) -> list[PositionRecord]:
+  """The records of `split`, in manifest file order then record order within each shard.
+
+  With `max_positions` (fewer than the split holds), a seeded uniform subset of that size is
+  kept, still in file order: a pure function of (folder, split, max_positions, seed) that is
+  spread over all documents instead of favouring the first shard.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split {split!r} is unknown; choose one of {SPLITS}.")
+  manifest = read_manifest(records_dir)
+  files = manifest["files"][split]
+  if not files:
+    raise ValueError(f"{records_dir!r} has no {split!r} records (see its manifest counts); "
+                     "prepare with eval_fraction > 0.")
+  positions = [r for f in files for r in read_shard(os.path.join(records_dir, f))]
+  if max_positions is not None and max_positions < len(positions):
+    keep = np.sort(np.random.default_rng(seed).permutation(len(positions))[:max_positions])
+    positions = [positions[i] for i in keep]
+  return positions
+
+
+def bucket_thresholds(records_dir: str) -> tuple[float, ...]:
+  """The entropy thresholds (nats) the records' `bucket` counts, from the manifest."""
+  return tuple(float(t) for t in read_manifest(records_dir)["identity"]["config"][
+      "bucket_thresholds"])
+
+
+def difficulty_splits(thresholds: Sequence[float]) -> dict[str, tuple[int, float | None]]:
+  """split name -> (min bucket, entropy threshold): easy/medium/hard for the first three
+  thresholds (`entropy>{t}` beyond), then `all` (min bucket 0)."""
+  out = {}
+  for i, t in enumerate(thresholds):
+    out[SPLIT_NAMES[i] if i < len(SPLIT_NAMES) else f"entropy>{t:g}"] = (i + 1, float(t))
+  out["all"] = (0, None)
+  return out
+
+
+# ---- standard next-token prediction -------------------------------------------------------------
+
+def _batches(order: np.ndarray, batch_size: int):
+  for start in range(0, len(order), batch_size):
+    yield order[start:start + batch_size]
+
+
+def standard_accuracy(model: nnx.Module, tokenizer, positions: Sequence[PositionRecord], *,
+                      batch_size: int, mesh: jax.sharding.Mesh | None = None,
+                      rules: mesh_lib.ShardingRules | None = None, params: Any = None,
+                      length_multiple: int = 64) -> np.ndarray:
+  """bool [P]: the model's argmax after each raw context spells the true next token's bytes.
+
+  Contexts are right-padded to a multiple of `length_multiple` (positions sorted by length, so a
+  batch pads little; one compile per length bucket) and the batch to `batch_size` rows; only the
+  last real position's hidden state is unembedded ([B, V], never [B, L, V]).
+  `params`: a state like `nnx.split(model)[1]` to use instead of the model's own.
+  """
+  if not positions:
+    return np.zeros(0, bool)
+  graphdef, state = nnx.split(model)
+  state = state if params is None else params
+  batch_sharding = None
+  if mesh is not None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % shards:
+      raise ValueError(f"eval batch_size={batch_size} is not a multiple of the mesh's data x fsdp "
+                       f"size {shards}.")
+    state = jax.device_put(state, mesh_lib.state_shardings(state, mesh, rules))
+    rules = rules or mesh_lib.ShardingRules()
+    batch_sharding = (rules.sharding(mesh, ("batch", None)), rules.sharding(mesh, ("batch",)))
+
+  @jax.jit
+  def predict(state, tokens_BL, lengths_B):
+    m = nnx.merge(graphdef, state)
+    mask_BL = jnp.arange(tokens_BL.shape[1])[None, :] < lengths_B[:, None]
+    hidden_BLD, _ = m.hidden_states(tokens_BL, None, mask_BL)
+    last_BD = jnp.take_along_axis(hidden_BLD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    return jnp.argmax(m.logits(last_BD[:, None, :])[:, 0], axis=-1)
+
+  lengths = np.array([len(p.context_ids) for p in positions])
+  if lengths.min() < 1:
+    raise ValueError("a record has an empty context; standard prediction needs >= 1 token.")
+  correct = np.zeros(len(positions), bool)
+  for rows in _batches(np.argsort(lengths, kind="stable"), batch_size):
+    width = -(-int(lengths[rows].max()) // length_multiple) * length_multiple
+    tokens = np.full((batch_size, width), tokenizer.pad_id, np.int32)
+    lens = np.ones(batch_size, np.int32)  # dummy rows: one pad token, result dropped
+    for j, i in enumerate(rows):
+      tokens[j, :lengths[i]] = positions[i].context_ids
+      lens[j] = lengths[i]
+    if batch_sharding is not None:
+      tokens, lens = jax.device_put((tokens, lens), batch_sharding)  # rows over data x fsdp
+    argmax = np.asarray(predict(state, tokens, lens))
+    for j, i in enumerate(rows):
+      first = positions[i].completion[:int(positions[i].boundaries[0])]
+      correct[i] = tokenizer.token_bytes(int(argmax[j])) == first
+  return correct
+
+
+# ---- next-token reasoning -----------------------------------------------------------------------
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """Unbiased pass@k = 1 - C(n-c, k) / C(n, k) (n samples, c correct), as a stable product."""
+  if not 0 <= c <= n or not 1 <= k <= n:
+    raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}.")
+  if n - c < k:
+    return 1.0
+  return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+def _prompt_ids(record: PositionRecord, tokenizer, template: str, max_len: int
+                ) -> tuple[list[int], bool]:
+  """The prompt ids, left-truncated (context tokens dropped from the start) to `max_len`."""
+  context = record.context_ids
+  ids = prompts.build_prompt_ids(tokenizer.decode(context), tokenizer, template)
+  truncated = False
+  while len(ids) > max_len:
+    if len(context) == 0:
+      raise ValueError(f"prompt template {template!r} alone takes {len(ids)} tokens, more than "
+                       f"the largest prompt bucket {max_len}; raise prompt_buckets.")
+    context = context[len(ids) - max_len:]  # decode/encode may not be 1:1: loop until it fits
+    ids = prompts.build_prompt_ids(tokenizer.decode(context), tokenizer, template)
+    truncated = True
+  return ids, truncated
+
+
+def reasoning_accuracy(sampler, tokenizer, positions: Sequence[PositionRecord], *,
+                       num_samples: int = 1, temperature: float, max_new_tokens: int,
+                       template: str = "v0", reward: str = "prefix_match", rng: jax.Array,
+                       batch_size: int, params: Any = None, prompt_buckets: Sequence[int],
+                       pass_k: Sequence[int] = (1,), micro_batch: int | None = None
+                       ) -> dict[str, Any]:
+  """Samples `num_samples` answers per position and scores them; per-position arrays [P].
+
+  Prompts are right-padded with the tokenizer's pad id to the smallest bucket holding the
+  batch's longest prompt; the last batch is filled with copies of its first prompt whose outputs
+  are dropped. Batch b samples with `jax.random.fold_in(rng, b)`.
+
+  Returns:
+    {'accuracy': float [P] (correct of the first sample: the paper's metric),
+     'mean_reward': float [P], 'pass@k': float [P] per k, 'format_rate': float [P] (fraction
+     of samples with a non-empty answer), 'response_length': float [P] (mean generated tokens,
+     incl. the stop token), 'num_correct': int [P], 'truncated': bool [P],
+     'first_response': list[str] (the first sample's text, for inspection)}
+  """
+  n, buckets = len(positions), tuple(int(b) for b in prompt_buckets)
+  stop_ids = tuple(int(i) for i in tokenizer.stop_ids)
+  built = [_prompt_ids(p, tokenizer, template, buckets[-1]) for p in positions]
+  rewards = np.zeros((n, num_samples), np.float32)
+  correct = np.zeros((n, num_samples), bool)
+  formatted = np.zeros((n, num_samples), bool)
+  lengths = np.zeros((n, num_samples), np.float64)
+  first_response = [""] * n
+  order = np.argsort([len(ids) for ids, _ in built], kind="stable")  # similar lengths together
+  for b, rows in enumerate(_batches(order, batch_size)):
+    rows = list(rows)
+    width = next(x for x in buckets if x >= max(len(built[i][0]) for i in rows))
+    filled = rows + [rows[0]] * (batch_size - len(rows))
+    tokens = np.full((batch_size, width), tokenizer.pad_id, np.int32)
+    prompt_lengths = np.zeros(batch_size, np.int32)
+    for j, i in enumerate(filled):
+      tokens[j, :len(built[i][0])] = built[i][0]
+      prompt_lengths[j] = len(built[i][0])
+    out = sampler.generate(tokens, prompt_lengths, num_samples=num_samples,
+                           max_new_tokens=max_new_tokens, temperature=temperature,
+                           eos_ids=stop_ids, rng=jax.random.fold_in(rng, b), params=params,
+                           micro_batch=micro_batch)
+    out_tokens, out_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    texts, lens, completions, bounds = [], [], [], []
+    for j, i in enumerate(rows):
+      for g in range(num_samples):
+        row = j * num_samples + g  # context j owns rows j*G .. j*G+G-1
+        ids = out_tokens[row, :int(out_lengths[row])].tolist()
+        if ids and ids[-1] in stop_ids:
+          ids = ids[:-1]
+        texts.append(tokenizer.decode(ids))
+        lens.append(int(out_lengths[row]))
+        completions.append(positions[i].completion)
+        bounds.append(positions[i].boundaries.tolist())
+    scored = reward_lib.score_rollouts(texts, completions, bounds, reward=reward,
+                                       response_lengths=lens)
+    shape = (len(rows), num_samples)
+    rewards[rows] = scored.rewards.reshape(shape)
+    correct[rows] = scored.correct.reshape(shape)
+    formatted[rows] = scored.has_prediction.reshape(shape)
+    lengths[rows] = np.asarray(lens, np.float64).reshape(shape)
+    for j, i in enumerate(rows):
+      first_response[i] = texts[j * num_samples]
+  num_correct = correct.sum(axis=1)
+  result = {"accuracy": correct[:, 0].astype(np.float64), "mean_reward": rewards.mean(axis=1),
+            "format_rate": formatted.mean(axis=1), "response_length": lengths.mean(axis=1),
+            "num_correct": num_correct, "truncated": np.array([t for _, t in built], bool),
+            "first_response": first_response}
+  for k in pass_k:
+    result[f"pass@{k}"] = np.array([pass_at_k(num_samples, int(c), k) for c in num_correct])
+  return result
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+def _percent(values: np.ndarray, mask: np.ndarray) -> float | None:
+  return float(100.0 * np.mean(values[mask], dtype=np.float64)) if mask.any() else None
+
+
+def evaluate(model: nnx.Module | None, tokenizer, sampler, records_dir: str, *,
+             config: EvalConfig, rng: jax.Array, mesh: jax.sharding.Mesh | None = None,
+             params: Any = None, split: str = "eval") -> dict[str, dict[str, Any]]:
+  """Runs `config.modes` on the held-out records; returns {split_name: metrics}.
+
+  Each split entry: num_positions, entropy_above (None for `all`), and in percent (None when the
+  mode did not run or the split is empty): standard_accuracy, reasoning_accuracy,
+  reasoning_mean_reward, pass@k for each k, format_rate; plus mean_response_length (tokens) and
+  truncated_prompts (count). `model` is needed for 'standard', `sampler` for 'reasoning'.
+  """
+  positions = load_eval_positions(records_dir, split=split, max_positions=config.max_positions,
+                                  seed=config.seed)
+  buckets = np.array([p.bucket for p in positions])
+  standard = reasoning = None
+  if "standard" in config.modes:
+    standard = standard_accuracy(model, tokenizer, positions, batch_size=config.batch_size,
+                                 mesh=mesh, params=params, length_multiple=config.length_multiple)
+  if "reasoning" in config.modes:
+    reasoning = reasoning_accuracy(
+        sampler, tokenizer, positions, num_samples=config.num_samples,
+        temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+        template=config.template, reward=config.reward, rng=rng, batch_size=config.batch_size,
+        params=params, prompt_buckets=config.prompt_buckets, pass_k=config.pass_k,
+        micro_batch=config.micro_batch)
+  report = {}
+  for name, (min_bucket, threshold) in difficulty_splits(bucket_thresholds(records_dir)).items():
+    mask = buckets >= min_bucket
+    entry: dict[str, Any] = {"num_positions": int(mask.sum()), "entropy_above": threshold,
+                             "standard_accuracy": None if standard is None else
+                             _percent(standard, mask)}
+    r = reasoning or {}
+    entry["reasoning_accuracy"] = _percent(r["accuracy"], mask) if r else None
+    entry["reasoning_mean_reward"] = _percent(r["mean_reward"], mask) if r else None
+    for k in config.pass_k:
+      entry[f"pass@{k}"] = _percent(r[f"pass@{k}"], mask) if r else None
+    entry["format_rate"] = _percent(r["format_rate"], mask) if r else None
+    entry["mean_response_length"] = (float(np.mean(r["response_length"][mask]))
+                                     if r and mask.any() else None)
+    entry["truncated_prompts"] = int(r["truncated"][mask].sum()) if r else None
+    report[name] = entry
+  return report
+
+
+def format_table(report: Mapping[str, Mapping[str, Any]]) -> str:
+  """A Table-1-shaped markdown table: rows = modes/metrics, columns = splits (with counts)."""
+  splits = list(report)
+  metrics = ["standard_accuracy", "reasoning_accuracy", "reasoning_mean_reward"]
+  extra = [k for k in next(iter(report.values())) if k.startswith("pass@")] + ["format_rate"]
+  header = ["mode (accuracy %)"] + [f"{s} (n={report[s]['num_positions']})" for s in splits]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for metric in metrics + extra + ["mean_response_length"]:
+    values = [report[s].get(metric) for s in splits]
+    if all(v is None for v in values):
+      continue
+    cells = ["-" if v is None else f"{v:.2f}" for v in values]
+    lines.append("| " + " | ".join([MODE_LABELS.get(metric, metric)] + cells) + " |")
+  return "\n".join(lines)
+
+
+def _as_labelled(reports) -> dict[str, Mapping[str, Any]]:
+  first = next(iter(reports.values()), None)
+  if isinstance(first, Mapping) and "num_positions" in first:
+    return {"": reports}  # a single report
+  return dict(reports)
+
+
+def plot_report(reports, path: str | os.PathLike,
+                metrics: Sequence[str] = ("standard_accuracy", "reasoning_accuracy"),
+                title: str | None = None) -> str:
+  """Grouped bars per split (accuracy %), one bar per (label, metric) that has values.
+
+  `reports`: one report, or {label: report} (e.g. {'before RPT': r0, 'after RPT': r1}).
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  labelled = _as_labelled(reports)
+  splits = list(dict.fromkeys(s for r in labelled.values() for s in r))
+  series = [(label, m) for label, r in labelled.items() for m in metrics
+            if any(r.get(s, {}).get(m) is not None for s in splits)]
+  fig = Figure(figsize=(max(6.0, 1.6 * len(splits) + 0.4 * len(series)), 4.2), dpi=120)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  width = 0.8 / max(len(series), 1)
+  x = np.arange(len(splits))
+  for i, (label, metric) in enumerate(series):
+    values = [labelled[label].get(s, {}).get(metric) for s in splits]
+    heights = [np.nan if v is None else v for v in values]
+    name = MODE_LABELS.get(metric, metric)
+    ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width,
+           label=f"{label}: {name}" if label else name)
+  ax.set_xticks(x, [f"{s}\n(n={next(r[s]['num_positions'] for r in labelled.values() if s in r)})"
+                    for s in splits])
+  ax.set_ylabel("next-token accuracy (%)")
+  if title:
+    ax.set_title(title)
+  ax.legend(fontsize=7)
+  ax.grid(True, axis="y", alpha=0.3)
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, bbox_inches="tight")
+  return path
+
+
+def write_report(report: Mapping[str, Any], out_dir: str, name: str) -> str:
+  """Writes `report` as `{out_dir}/{name}.json` (atomically; sorted keys); returns the path."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"{name}.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(report, f, indent=1, sort_keys=True, allow_nan=False)
+    f.write("\n")
+  os.replace(path + ".tmp", path)
+  return path
+
+
+# ---- compute and scaling ------------------------------------------------------------------------
+
+def rl_step_flops(model_config, *, contexts: int, generations: int, prompt_len: int,
+                  response_len: int, shared_prefix: bool = True) -> float:
+  """Model FLOPs of one RL step (rollouts + one policy update), as used for the x-axis of the
+  scaling law.
+
+      tokens = contexts * (prompt_len + generations * response_len)    (shared_prefix: each
+               context prefilled once, as this project samples and trains)
+             = contexts * generations * (prompt_len + response_len)    (otherwise)
+      flops  = (1 + 3) * tokens * F(prompt_len + response_len)
+
+  where F = `ModelConfig.flops_per_token` (forward FLOPs per token, attention over the full
+  prompt + response window as a static-cache dense attention computes it); 1 forward for the
+  rollouts (the sampler's log-probs serve as the old policy's: exact on-policy, no extra pass,
+  no reference model at zero KL) and 3 for training (forward + backward = 2 forwards). Remat
+  recomputation is not counted (model FLOPs, not hardware FLOPs). Pass the measured mean
+  response length for the compute actually spent, or max_new_tokens for the static upper bound.
+  """
+  for name, v in (("contexts", contexts), ("generations", generations),
+                  ("prompt_len", prompt_len), ("response_len", response_len)):
+    if v < 0:
+      raise ValueError(f"rl_step_flops {name}={v} must be >= 0.")
+  if shared_prefix:
+    tokens = contexts * (prompt_len + generations * response_len)
+  else:
+    tokens = contexts * generations * (prompt_len + response_len)
+  return 4.0 * tokens * model_config.flops_per_token(prompt_len + response_len)
+
+
+def scaling_report(points: Sequence[tuple[float, Mapping[str, Mapping[str, Any]]]],
+                   out_dir: str, *, metric: str = "reasoning_accuracy") -> dict[str, Any]:
+  """Fits P(C) = A / C^alpha + P* per split on `metric` (%) vs cumulative training compute C.
+
+  Args:
+    points: (train_flops, report) per evaluated checkpoint (C > 0).
+    out_dir: where `scaling.png` (if any split was fitted) and `scaling.json` go.
+
+  Returns:
+    {split: {'A', 'alpha', 'p_star', 'r2', 'num_points'} or {'error': why, 'num_points'}}
+    plus 'plot': the PNG path or None. A split with fewer than 3 usable points (or too few
+    distinct compute values) gets 'not enough points: ...' as its error.
+  """
+  splits = list(dict.fromkeys(s for _, r in points for s in r))
+  fits, measured, out = {}, {}, {}
+  for split in splits:
+    pairs = [(float(c), r[split][metric]) for c, r in points
+             if split in r and r[split].get(metric) is not None]
+    c, p = np.array([x for x, _ in pairs]), np.array([y for _, y in pairs])
+    measured[split] = (c, p)
+    if len(pairs) < 3 or np.unique(c).size < 3:
+      out[split] = {"error": f"not enough points: {len(pairs)} with {metric} at "
+                             f"{np.unique(c).size} distinct compute values; the fit needs 3.",
+                    "num_points": len(pairs)}
+      continue
+    try:
+      fit = scaling.fit_scaling_law(c, p)
+    except ValueError as e:
+      out[split] = {"error": str(e), "num_points": len(pairs)}
+      continue
+    fits[split] = fit
+    out[split] = {"A": fit.A, "alpha": fit.alpha, "p_star": fit.p_star, "r2": fit.r2,
+                  "num_points": len(pairs)}
+  out["plot"] = (scaling.plot_scaling(fits, {s: measured[s] for s in fits},
+                                      os.path.join(out_dir, "scaling.png"),
+                                      xlabel="RL training compute (FLOPs)",
+                                      ylabel=f"{metric} (%)") if fits else None)
+  write_report(out, out_dir, "scaling")
+  return out

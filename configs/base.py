@@ -37,7 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = ml_collections.ConfigDict(dict(
       kind="synthetic", path="", field="text", name="", data_dir="", split="train",
-      synthetic_bytes=2_000_000))
+      max_documents=0,  # 0 = all
+      synthetic_documents=5000))  # built-in corpus size (~380 bytes per document)
   c.data.proxy_hf_path = ""  # empty = the policy itself scores positions
   c.data.filter = "entropy"  # 'entropy' | 'proxy_miss' | 'random' | 'all'
   c.data.entropy_threshold = 0.5  # the paper does not state its training threshold
@@ -46,7 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.min_context_tokens = 8
   c.data.completion_tokens = 8  # ground-truth tokens kept per position for the reward
   c.data.eval_fraction = 0.05  # held-out documents
-  c.data.max_positions = 0  # 0 = all kept positions
+  c.data.max_positions_per_document = 0  # 0 = keep every selected position
+  c.data.score_seq_len = 4096  # proxy scoring window (tokens)
+  c.data.score_overlap = 1024  # context shared by consecutive windows of a long document
+  c.data.score_batch_size = 8  # windows per proxy call (a multiple of data x fsdp)
   c.data.prompt_buckets = (1024, 2048, 4096, 5120)  # template + chat markers add tokens
   c.data.template = "v0"
   c.data.worker_count = 0  # Grain worker processes (0 = in the main process)

@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import ml_collections
 from absl import logging
-from flax import nnx
 
 from rpt_jax import mesh as mesh_lib
 from rpt_jax import tokenizer as tokenizer_lib
@@ -30,7 +29,7 @@ from rpt_jax.data.sources import SourceConfig, iter_documents
 from rpt_jax.data.synthetic import SyntheticConfig
 from rpt_jax.model import hf_io
 from rpt_jax.model.config import ModelConfig
-from rpt_jax.model.transformer import Transformer
+from rpt_jax.model.transformer import Transformer, init_model
 
 TOKENIZER_DOCS = 2000  # documents the offline SentencePiece model is trained on
 
@@ -107,22 +106,9 @@ def build_policy(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tok
         compute_dtype=config.model.compute_dtype, remat=config.model.remat)
   else:
     model_config = scratch_model_config(config, tokenizer)
-    model = init_sharded(model_config, mesh, rules, seed=config.seed)
+    model = init_model(model_config, seed=config.seed, mesh=mesh, rules=rules)
   tokenizer_lib.check_vocab_fits(tokenizer, model_config.vocab_size)
   return model, model_config
-
-
-def init_sharded(model_config: ModelConfig, mesh: jax.sharding.Mesh | None,
-                 rules: mesh_lib.ShardingRules | None, seed: int = 0) -> Transformer:
-  """Random init with every parameter created directly in its sharding (jit out_shardings)."""
-  make = lambda: Transformer(model_config, rngs=nnx.Rngs(seed), mesh=mesh, rules=rules)
-  if mesh is None:
-    return make()
-  abstract = nnx.eval_shape(make)
-  graphdef, abstract_state = nnx.split(abstract)
-  shardings = mesh_lib.state_shardings(abstract_state, mesh, rules)
-  state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
-  return nnx.merge(graphdef, state)
 
 
 def load_proxy(config: ml_collections.ConfigDict, policy: Transformer,

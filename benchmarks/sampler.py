@@ -1,0 +1,196 @@
+"""Rollout generation throughput: our sampler vs per-row prefill, no-cache recompute, HF generate.
+
+Workload (defaults): 16 contexts x G=8 rollouts, 256-token prompts, 64 new tokens, temperature
+0.8, no EOS (every row runs all 64 steps), on the same random Qwen2 weights for every peer:
+  (a) vocab 8192, hidden 256, 4 layers, 8/2 heads, MLP 768
+  (b) vocab 8192, hidden 768, 8 layers, 12/4 heads, MLP 2048
+Rows printed:
+  ours              Sampler.generate: one prefill per context [16, 256], cache repeated G times
+  ours per-row      the prompt repeated G times, every one of the 128 rows prefilled
+  no-cache (JAX)    a full forward over the whole (prompt + new) sequence per generated token,
+                    timed for one step on --no-cache-rows rows and scaled (cost is linear in rows)
+  HF generate       transformers, PyTorch CPU, KV cache, do_sample=True, T=0.8, top_k=0
+plus the decode step against this machine's roofline: max(FLOPs / peak fp32 matmul FLOP/s,
+bytes / memory bandwidth), both measured here, with FLOPs and bytes (weights + KV cache read)
+at the mean context length L + N/2.
+
+  python benchmarks/sampler.py                 # both configs, all peers (~5 min on 2 cores)
+  python benchmarks/sampler.py --config a --skip-hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rpt_jax.model import hf_io
+from rpt_jax.rl.sampler import Sampler
+from rpt_jax.rl.sampling import Sampling, row_uniforms, sample_tokens
+
+CONFIGS = {
+    "a": dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+              num_key_value_heads=2, intermediate_size=768),
+    "b": dict(vocab_size=8192, hidden_size=768, num_hidden_layers=8, num_attention_heads=12,
+              num_key_value_heads=4, intermediate_size=2048),
+}
+
+
+def _time(fn, *args, repeats: int = 1) -> float:
+  """Best wall time of `repeats` calls (results blocked on)."""
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def machine_peaks() -> tuple[float, float]:
+  """(fp32 matmul FLOP/s, memory read bandwidth B/s) measured with jitted XLA programs."""
+  n = 2048
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  flops = 2 * n ** 3 / _time(matmul, a, a, repeats=5)
+  x = jnp.ones((64 * 2 ** 20,), jnp.float32)  # 256 MiB: far beyond the caches.
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  bandwidth = x.nbytes / _time(total, x, repeats=5)
+  return flops, bandwidth
+
+
+def hf_model(name: str, path: str):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.Qwen2Config(max_position_embeddings=1024, tie_word_embeddings=False,
+                                    bos_token_id=None, eos_token_id=None, pad_token_id=0,
+                                    **CONFIGS[name])
+  torch.manual_seed(0)
+  model = transformers.Qwen2ForCausalLM(config).eval()
+  model.save_pretrained(path)
+  return model
+
+
+def no_cache_step(model_state, graphdef, tokens_RS, length, rng, method):
+  """One generation step without a cache: full causal forward over all S slots, sample at
+  position length - 1 (static S, so a single compile serves every step)."""
+  model = nnx.merge(graphdef, model_state)
+  r, s = tokens_RS.shape
+  mask = jnp.arange(s)[None, :] < length
+  hidden, _ = model.hidden_states(tokens_RS, None, jnp.broadcast_to(mask, (r, s)))
+  logits = model.logits(hidden[:, length - 1][:, None])[:, 0]
+  tok, _ = sample_tokens(logits, row_uniforms(rng, length, jnp.arange(r)), method)
+  return tokens_RS.at[:, length].set(tok)
+
+
+def run(name: str, args) -> None:
+  b, g, l, n = args.contexts, args.samples, args.prompt_len, args.new_tokens
+  rows = b * g
+  print(f"\n== config ({name}) {CONFIGS[name]} | {b} contexts x G={g}, L={l}, N={n}, T=0.8 ==")
+  with tempfile.TemporaryDirectory() as path:
+    torch_model = hf_model(name, path)
+    model, cfg = hf_io.load_hf(path)
+  sampler = Sampler(model)
+  prompts = np.random.RandomState(0).randint(1, cfg.vocab_size, (b, l)).astype(np.int32)
+  lengths = np.full((b,), l, np.int32)
+  method, rng = Sampling(0.8), jax.random.key(0)
+  params = sampler.params
+  results = {}
+
+  for label, shared in (("ours", True), ("ours per-row prefill", False)):
+    pre_rows = b if shared else rows
+    tok = prompts if shared else np.repeat(prompts, g, 0)
+    lens = lengths if shared else np.repeat(lengths, g, 0)
+    start = time.perf_counter()
+    prefill = sampler._prefill_fn(pre_rows, l).lower(params, tok, lens).compile()  # pylint: disable=protected-access
+    logits, cache = prefill(params, tok, lens)
+    decode = sampler._decode_fn(pre_rows, l, g if shared else 1, n, method, ()).lower(  # pylint: disable=protected-access
+        params, logits, cache, lens, jnp.int32(0), rng).compile()
+    compile_s = time.perf_counter() - start
+    t_prefill = _time(prefill, params, tok, lens, repeats=args.repeats)
+    t_decode = _time(decode, params, logits, cache, lens, jnp.int32(0), rng, repeats=args.repeats)
+    out = decode(params, logits, cache, lens, jnp.int32(0), rng)
+    assert int(out.num_steps) == n and out.tokens.shape == (rows, n)
+    results[label] = dict(prefill=t_prefill, decode=t_decode, total=t_prefill + t_decode,
+                          compile=compile_s)
+
+  # No-cache recompute: one static-shape step over S = L + N slots, on a subset of rows.
+  r = min(args.no_cache_rows, rows)
+  graphdef, state = nnx.split(model)
+  seq = jnp.zeros((r, l + n), jnp.int32).at[:, :l].set(np.repeat(prompts, g, 0)[:r])
+  step = jax.jit(no_cache_step, static_argnums=(1, 5)).lower(
+      state, graphdef, seq, l, rng, method).compile()
+  t_step = _time(lambda: step(state, seq, l, rng), repeats=1) * rows / r
+  results["no-cache (JAX)"] = dict(prefill=float("nan"), decode=t_step * n, total=t_step * n,
+                                   compile=float("nan"))
+
+  if not args.skip_hf:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(os.cpu_count() or 1)
+    ids = torch.as_tensor(prompts, dtype=torch.long)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.8, top_k=0,
+                  top_p=1.0, max_new_tokens=n, num_return_sequences=g, pad_token_id=0)
+    with torch.no_grad():
+      start = time.perf_counter()
+      out = torch_model.generate(ids, **kwargs)
+      t_hf = time.perf_counter() - start
+    assert out.shape == (rows, l + n), out.shape
+    results["HF generate (torch CPU)"] = dict(prefill=float("nan"), decode=float("nan"),
+                                              total=t_hf, compile=0.0)
+
+  new_tokens = rows * n
+  print(f"{'':26s} {'tok/s':>9s} {'total s':>8s} {'prefill s':>9s} {'decode s':>9s} "
+        f"{'compile s':>9s}")
+  for label, res in results.items():
+    print(f"{label:26s} {new_tokens / res['total']:9.0f} {res['total']:8.2f} "
+          f"{res['prefill']:9.3f} {res['decode']:9.2f} {res['compile']:9.1f}")
+  ours = results["ours"]
+  print(f"shared prefill is {results['ours per-row prefill']['prefill'] / ours['prefill']:.1f}x "
+        f"cheaper than per-row prefill (G={g})")
+  if "HF generate (torch CPU)" in results:
+    print(f"ours / HF generate: {results['HF generate (torch CPU)']['total'] / ours['total']:.1f}x")
+
+  # Roofline of one decode step (R rows; a step = one forward pass + sampling).
+  peak, bandwidth = args.peaks
+  s_mean = l + n / 2
+  flops = rows * cfg.flops_per_token(s_mean)
+  embed = cfg.vocab_size * cfg.hidden_size  # The input embedding is gathered, not read whole.
+  weight_bytes = (cfg.num_params() - (0 if cfg.tie_word_embeddings else embed)) * 4
+  kv_bytes = rows * s_mean * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+  roof = max(flops / peak, (weight_bytes + kv_bytes) / bandwidth)
+  step = ours["decode"] / (n - 1)  # N - 1 forward passes: the first token comes from the prefill.
+  print(f"decode step: {step * 1e3:.1f} ms measured; roofline {roof * 1e3:.1f} ms "
+        f"(compute {flops / peak * 1e3:.1f} ms = {flops / 1e9:.2f} GFLOP, memory "
+        f"{(weight_bytes + kv_bytes) / bandwidth * 1e3:.1f} ms = weights "
+        f"{weight_bytes / 2**20:.0f} MiB + KV {kv_bytes / 2**20:.0f} MiB) -> "
+        f"{100 * roof / step:.0f}% of roofline")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", choices=["a", "b", "both"], default="both")
+  parser.add_argument("--skip-hf", action="store_true", help="skip transformers generate")
+  parser.add_argument("--contexts", type=int, default=16)
+  parser.add_argument("--samples", type=int, default=8)
+  parser.add_argument("--prompt-len", type=int, default=256)
+  parser.add_argument("--new-tokens", type=int, default=64)
+  parser.add_argument("--no-cache-rows", type=int, default=16,
+                      help="rows the no-cache step is timed on (scaled to all rows)")
+  parser.add_argument("--repeats", type=int, default=1, help="timed runs per program (best)")
+  args = parser.parse_args()
+  args.peaks = machine_peaks()
+  print(f"{jax.devices()[0].platform} x{len(jax.devices())}: fp32 matmul peak "
+        f"{args.peaks[0] / 1e9:.0f} GFLOP/s, memory read {args.peaks[1] / 1e9:.1f} GB/s")
+  for name in (["a", "b"] if args.config == "both" else [args.config]):
+    run(name, args)
+
+
+if __name__ == "__main__":
+  main()

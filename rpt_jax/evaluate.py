@@ -23,6 +23,7 @@ Metrics of a split with no position are None (JSON null), never NaN.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rpt_jax import mesh as mesh_lib
 from rpt_jax import scaling
@@ -41,8 +43,11 @@ from rpt_jax.rl import reward as reward_lib
 
 MODES = ("standard", "reasoning")
 SPLIT_NAMES = ("easy", "medium", "hard")  # names of buckets >= 1, 2, 3 (the paper's three)
-MODE_LABELS = {"standard_accuracy": "standard next-token prediction (argmax)",
-               "reasoning_accuracy": "next-token reasoning (1 sample)"}
+MODE_LABELS = {"proxy_accuracy": "proxy argmax (data preparation)",
+               "standard_accuracy": "standard next-token prediction (argmax)",
+               "reasoning_accuracy": "next-token reasoning (1 sample)",
+               "reasoning_mean_reward": "next-token reasoning (mean over samples)",
+               "format_rate": "answer format rate", "mean_response_length": "response tokens"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +58,8 @@ class EvalConfig:
     max_positions: evaluate a seeded random subset of this many records (None: all).
     num_samples: sampled answers per position (n of pass@k).
     pass_k: the k of each reported pass@k (each <= num_samples).
-    temperature: sampling temperature (0: greedy).
+    temperature: sampling temperature (0: greedy); the paper does not state its evaluation
+      temperature, so the default is its training one.
     max_new_tokens: response budget in tokens.
     template: prompt template name (`rpt_jax.rl.prompts.TEMPLATES`).
     reward: reward name (`rpt_jax.rl.reward.REWARDS`), one that needs no model probabilities.
@@ -153,6 +159,21 @@ def _batches(order: np.ndarray, batch_size: int):
     yield order[start:start + batch_size]
 
 
+@functools.lru_cache(maxsize=8)
+def _argmax_fn(graphdef, out_sharding):
+  """Jitted (state, tokens_BL, lengths_B) -> argmax_B, cached per model structure so evaluating
+  successive checkpoints (new `params`) reuses the compiled program."""
+
+  def predict(state, tokens_BL, lengths_B):
+    model = nnx.merge(graphdef, state)
+    mask_BL = jnp.arange(tokens_BL.shape[1])[None, :] < lengths_B[:, None]
+    hidden_BLD, _ = model.hidden_states(tokens_BL, None, mask_BL)
+    last_BD = jnp.take_along_axis(hidden_BLD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    return jnp.argmax(model.logits(last_BD[:, None, :])[:, 0], axis=-1)
+
+  return jax.jit(predict, out_shardings=out_sharding)
+
+
 def standard_accuracy(model: nnx.Module, tokenizer, positions: Sequence[PositionRecord], *,
                       batch_size: int, mesh: jax.sharding.Mesh | None = None,
                       rules: mesh_lib.ShardingRules | None = None, params: Any = None,
@@ -161,31 +182,25 @@ def standard_accuracy(model: nnx.Module, tokenizer, positions: Sequence[Position
 
   Contexts are right-padded to a multiple of `length_multiple` (positions sorted by length, so a
   batch pads little; one compile per length bucket) and the batch to `batch_size` rows; only the
-  last real position's hidden state is unembedded ([B, V], never [B, L, V]).
-  `params`: a state like `nnx.split(model)[1]` to use instead of the model's own.
+  last real position's hidden state is unembedded ([B, V], never [B, L, V]). With a mesh, rows
+  go over ('data', 'fsdp'), params per their logical axes, and the argmax comes back replicated
+  (readable on every process). `params`: a state like `nnx.split(model)[1]` to use instead.
   """
   if not positions:
     return np.zeros(0, bool)
   graphdef, state = nnx.split(model)
   state = state if params is None else params
-  batch_sharding = None
+  in_shardings = out_sharding = None
   if mesh is not None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards:
       raise ValueError(f"eval batch_size={batch_size} is not a multiple of the mesh's data x fsdp "
                        f"size {shards}.")
-    state = jax.device_put(state, mesh_lib.state_shardings(state, mesh, rules))
     rules = rules or mesh_lib.ShardingRules()
-    batch_sharding = (rules.sharding(mesh, ("batch", None)), rules.sharding(mesh, ("batch",)))
-
-  @jax.jit
-  def predict(state, tokens_BL, lengths_B):
-    m = nnx.merge(graphdef, state)
-    mask_BL = jnp.arange(tokens_BL.shape[1])[None, :] < lengths_B[:, None]
-    hidden_BLD, _ = m.hidden_states(tokens_BL, None, mask_BL)
-    last_BD = jnp.take_along_axis(hidden_BLD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-    return jnp.argmax(m.logits(last_BD[:, None, :])[:, 0], axis=-1)
-
+    state = jax.device_put(state, mesh_lib.state_shardings(state, mesh, rules))  # no-op if placed
+    in_shardings = (rules.sharding(mesh, ("batch", None)), rules.sharding(mesh, ("batch",)))
+    out_sharding = NamedSharding(mesh, PartitionSpec())
+  predict = _argmax_fn(graphdef, out_sharding)
   lengths = np.array([len(p.context_ids) for p in positions])
   if lengths.min() < 1:
     raise ValueError("a record has an empty context; standard prediction needs >= 1 token.")
@@ -197,8 +212,8 @@ def standard_accuracy(model: nnx.Module, tokenizer, positions: Sequence[Position
     for j, i in enumerate(rows):
       tokens[j, :lengths[i]] = positions[i].context_ids
       lens[j] = lengths[i]
-    if batch_sharding is not None:
-      tokens, lens = jax.device_put((tokens, lens), batch_sharding)  # rows over data x fsdp
+    if in_shardings is not None:
+      tokens, lens = jax.device_put((tokens, lens), in_shardings)
     argmax = np.asarray(predict(state, tokens, lens))
     for j, i in enumerate(rows):
       first = positions[i].completion[:int(positions[i].boundaries[0])]
@@ -307,8 +322,11 @@ def reasoning_accuracy(sampler, tokenizer, positions: Sequence[PositionRecord], 
 
 # ---- the report ---------------------------------------------------------------------------------
 
-def _percent(values: np.ndarray, mask: np.ndarray) -> float | None:
-  return float(100.0 * np.mean(values[mask], dtype=np.float64)) if mask.any() else None
+def _mean(values: np.ndarray | None, mask: np.ndarray, scale: float = 100.0) -> float | None:
+  """scale x mean of values[mask] (percent by default); None if not measured or empty."""
+  if values is None or not mask.any():
+    return None
+  return float(scale * np.mean(values[mask], dtype=np.float64))
 
 
 def evaluate(model: nnx.Module | None, tokenizer, sampler, records_dir: str, *,
@@ -317,9 +335,13 @@ def evaluate(model: nnx.Module | None, tokenizer, sampler, records_dir: str, *,
   """Runs `config.modes` on the held-out records; returns {split_name: metrics}.
 
   Each split entry: num_positions, entropy_above (None for `all`), and in percent (None when the
-  mode did not run or the split is empty): standard_accuracy, reasoning_accuracy,
+  mode did not run or the split is empty): proxy_accuracy (the data-preparation proxy's argmax
+  was right: the share a model gets without reasoning), standard_accuracy, reasoning_accuracy,
   reasoning_mean_reward, pass@k for each k, format_rate; plus mean_response_length (tokens) and
   truncated_prompts (count). `model` is needed for 'standard', `sampler` for 'reasoning'.
+  Multi-process: every process evaluates the same positions with the same inputs and gets the
+  same report; write it from process 0 only. Passing the same `rng` at every checkpoint gives
+  common random numbers across checkpoints (less noise in their differences).
   """
   positions = load_eval_positions(records_dir, split=split, max_positions=config.max_positions,
                                   seed=config.seed)
@@ -335,29 +357,27 @@ def evaluate(model: nnx.Module | None, tokenizer, sampler, records_dir: str, *,
         template=config.template, reward=config.reward, rng=rng, batch_size=config.batch_size,
         params=params, prompt_buckets=config.prompt_buckets, pass_k=config.pass_k,
         micro_batch=config.micro_batch)
+  r = reasoning or {}
+  proxy = np.array([p.proxy_correct for p in positions])
   report = {}
   for name, (min_bucket, threshold) in difficulty_splits(bucket_thresholds(records_dir)).items():
     mask = buckets >= min_bucket
-    entry: dict[str, Any] = {"num_positions": int(mask.sum()), "entropy_above": threshold,
-                             "standard_accuracy": None if standard is None else
-                             _percent(standard, mask)}
-    r = reasoning or {}
-    entry["reasoning_accuracy"] = _percent(r["accuracy"], mask) if r else None
-    entry["reasoning_mean_reward"] = _percent(r["mean_reward"], mask) if r else None
-    for k in config.pass_k:
-      entry[f"pass@{k}"] = _percent(r[f"pass@{k}"], mask) if r else None
-    entry["format_rate"] = _percent(r["format_rate"], mask) if r else None
-    entry["mean_response_length"] = (float(np.mean(r["response_length"][mask]))
-                                     if r and mask.any() else None)
-    entry["truncated_prompts"] = int(r["truncated"][mask].sum()) if r else None
-    report[name] = entry
+    report[name] = {
+        "num_positions": int(mask.sum()), "entropy_above": threshold,
+        "proxy_accuracy": _mean(proxy, mask), "standard_accuracy": _mean(standard, mask),
+        "reasoning_accuracy": _mean(r.get("accuracy"), mask),
+        "reasoning_mean_reward": _mean(r.get("mean_reward"), mask),
+        **{f"pass@{k}": _mean(r.get(f"pass@{k}"), mask) for k in config.pass_k},
+        "format_rate": _mean(r.get("format_rate"), mask),
+        "mean_response_length": _mean(r.get("response_length"), mask, scale=1.0),
+        "truncated_prompts": int(r["truncated"][mask].sum()) if r else None}
   return report
 
 
 def format_table(report: Mapping[str, Mapping[str, Any]]) -> str:
   """A Table-1-shaped markdown table: rows = modes/metrics, columns = splits (with counts)."""
   splits = list(report)
-  metrics = ["standard_accuracy", "reasoning_accuracy", "reasoning_mean_reward"]
+  metrics = ["proxy_accuracy", "standard_accuracy", "reasoning_accuracy", "reasoning_mean_reward"]
   extra = [k for k in next(iter(report.values())) if k.startswith("pass@")] + ["format_rate"]
   header = ["mode (accuracy %)"] + [f"{s} (n={report[s]['num_positions']})" for s in splits]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -91,6 +91,7 @@ RESPONSES = {
 # 0 at c=0; pass@4 = [c > 0]. Split means in %, (all, easy, medium, hard):
 EXPECTED = {
     "num_positions": (6, 5, 3, 2),
+    "proxy_accuracy": (50.0, 40.0, 200 / 3, 50.0),                 # rows 0, 2, 4 marked right
     "standard_accuracy": (400 / 6, 60.0, 100 / 3, 50.0),           # 4/6, 3/5, 1/3, 1/2
     "reasoning_accuracy": (50.0, 40.0, 200 / 3, 100.0),            # 3/6, 2/5, 2/3, 2/2
     "reasoning_mean_reward": (50.0, 50.0, 200 / 3, 75.0),          # mean of c/4
@@ -145,7 +146,7 @@ def write_folder(path, rows, thresholds=(0.5, 1.0, 1.5), shard_size=3):
   os.makedirs(path, exist_ok=True)
   recs = [PositionRecord(doc_id=i, position=len(ctx), context_ids=np.asarray(ctx, np.int32),
                          completion=comp, boundaries=np.asarray(bounds, np.int32),
-                         entropy=0.0, proxy_correct=False, bucket=bucket, split="eval")
+                         entropy=0.0, proxy_correct=i % 2 == 0, bucket=bucket, split="eval")
           for i, (ctx, comp, bounds, bucket) in enumerate(rows)]
   files = {"eval": [], "train": ["train-00000.arrayrecord"]}
   records.write_shard(os.path.join(path, files["train"][0]), [dataclasses.replace(
@@ -222,6 +223,20 @@ def test_standard_accuracy_matches_hand_worked_argmax(tiny_model, tokenizer, rec
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2, tensor=2))
   sharded = ev.standard_accuracy(tiny_model, tokenizer, positions, batch_size=4, mesh=mesh)
   np.testing.assert_array_equal(sharded, STANDARD)
+  # Other params (e1 -> 's' instead of ' '): row 2 ('s run') turns right, row 1 (' sat') wrong;
+  # the compiled program is reused (one per model structure and sharding).
+  other = nnx.clone(tiny_model)
+  head = np.array(other.lm_head.value)
+  head[1] = 0.0
+  head[1, tid("s")] = 5.0
+  other.lm_head.value = jnp.asarray(head)
+  state = nnx.split(other)[1]
+  hits = ev._argmax_fn.cache_info().hits
+  got = ev.standard_accuracy(tiny_model, tokenizer, positions, batch_size=4, params=state)
+  np.testing.assert_array_equal(got, [True, False, True, True, False, True])
+  assert ev._argmax_fn.cache_info().hits == hits + 1
+  np.testing.assert_array_equal(  # the model's own weights are untouched
+      ev.standard_accuracy(tiny_model, tokenizer, positions, batch_size=4), STANDARD)
 
 
 def test_evaluate_report_matches_hand_worked_numbers(tiny_model, tokenizer, records_dir, tmp_path):
@@ -364,7 +379,7 @@ def test_end_to_end_with_real_sampler_and_sentencepiece(tmp_path):
   rows, want = [], []
   for d, doc in enumerate(docs[:3]):
     ids, spans = tok.encode_with_byte_spans(doc)
-    t_list = [t for t in (5, 20, 40, 60) if t < len(ids) - 1]
+    t_list = [t for t in (5, 22, 43, 60) if t < len(ids) - 1]  # buckets t % 4: 1, 2, 3, 0
     for r in records.make_records(d, ids, spans, doc.encode(), t_list, np.zeros(len(ids)),
                                   np.zeros(len(ids), bool), np.arange(len(ids)) % 4, "eval",
                                   max_prompt_tokens=32, completion_tokens=4):

@@ -1,37 +1,28 @@
 """Plain next-token pretraining from scratch, mixed with formatted next-token-reasoning examples.
 
-This module owns the `pretrain` mode: it turns a tiny random policy into one that (a) models the
-corpus and (b) already answers an RPT prompt in the RPT format, so that RPT starts from a policy
-that is not random (the paper starts from R1-Distill-Qwen, which reasons and boxes answers).
+Owns the `pretrain` mode: it turns a random policy into one that models the corpus AND already
+answers RPT prompts in the RPT format (the paper starts from R1-Distill-Qwen, which reasons and
+boxes answers; a tiny offline model has to be taught that). Rows of a batch, one kind per row:
 
-Rows of a batch (one kind per row, no packing):
-  plain      one chunk of one document: its token ids, then EOS at the document's end, split
-             into chunks of at most `seq_len` tokens and right-padded. Loss on every real target.
-             Not packing is the simplest correct choice: the model's attention is causal on
-             positions plus a key-padding mask, with no segment ids, so packed documents would
-             attend to each other. Synthetic documents (~150-250 tokens) fill most of a row.
-  reasoning  a (document, position t) pair: the prompt of `rpt_jax.rl.prompts.build_prompt_ids`
-             for the context (the up to `max_context_tokens` tokens before t, decoded with the
-             tokenizer as the data pipeline does), then the response
-             `format_response(thought, answer)` + EOS, where `answer` is the exact text of token
-             t (its bytes in the document, which is what the prefix-matching reward compares).
-             Loss ONLY on the response tokens. Answers that would not round-trip through
-             `extract_prediction` (unbalanced braces, `</think>`), empty or newline-only answers,
-             answers/contexts that split a UTF-8 character, and examples longer than `seq_len`
-             are skipped (counted in `PretrainBatches.skipped`).
-Every row starts at position 0 (positions = arange), like prompts at sampling time.
+  plain      a chunk (<= seq_len tokens) of ONE document, EOS after the document's last token,
+             right-padded; loss on every real target. No packing: the model's attention has no
+             segment ids, so packed documents would attend to each other.
+  reasoning  a (document, position t): `build_prompt_ids` of the context (the <= max_context_tokens
+             tokens before t, decoded as the data pipeline does), then
+             `format_response(thought, answer)` + EOS, `answer` being token t's exact bytes in the
+             document (what the prefix-matching reward compares); loss ONLY on the response.
+             Skipped (counted in `PretrainBatches.skipped`): answers that do not round-trip
+             through `extract_prediction` (unbalanced braces, `</think>`), empty or newline-only
+             answers, answers splitting a UTF-8 character, examples longer than seq_len.
 
-Batch `s` is a pure function of (documents, tokenizer, config, s): it holds
-round((s+1) B f) - round(s B f) reasoning rows (f = reasoning_example_fraction, so the long-run
-share is exact), drawn with a generator seeded by (seed, s); plain chunks are taken in order
-from per-epoch seeded permutations. So a resumed run sees the same batches.
-
-The train step is one jitted pure function of (params, opt_state, batch) with the state donated;
-with a mesh, params/opt state keep the `rpt_jax.mesh.state_shardings` layout and the batch is
-split over the 'batch' rule (data x fsdp). The loss is the masked mean next-token NLL, from
-`rpt_jax.rl.loss.token_logprobs_and_entropy` on the final hidden states and the unembedding
-(chunked, vocab-parallel), so no [B, L, V] logits are held. Optimiser: AdamW (decay on matrices
-only), linear warmup then cosine decay, global-norm clipping.
+Every row starts at position 0, as prompts do at sampling time. Batch s is a pure function of
+(documents, tokenizer, config, s): round((s+1) B f) - round(s B f) reasoning rows (exact long-run
+share f), drawn with a generator seeded by (seed, s); plain chunks in order of per-epoch seeded
+permutations. The train step is one jitted pure function of (params, opt_state, batch), state
+donated; with a mesh, params/moments keep the `state_shardings` layout and the batch is split
+over the 'batch' rule. Loss: masked mean NLL from `token_logprobs_and_entropy` on the final hidden
+states (chunked, vocab-parallel: no [B, L, V] logits). AdamW (decay on matrices only), linear
+warmup then cosine decay, global-norm clipping.
 """
 
 from __future__ import annotations
@@ -101,27 +92,22 @@ class PretrainConfig:
   chunk_size: int = 256
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "log_every", "chunk_size", "max_context_tokens",
-                 "min_context_tokens"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"pretrain.{name}={getattr(self, name)} must be >= 1.")
-    if self.seq_len < 2:
-      raise ValueError(f"pretrain.seq_len={self.seq_len} must be >= 2 (a token and its target).")
-    if self.warmup_steps < 0:
-      raise ValueError(f"pretrain.warmup_steps={self.warmup_steps} must be >= 0.")
-    if not self.learning_rate > 0:
-      raise ValueError(f"pretrain.learning_rate={self.learning_rate} must be > 0.")
-    if not 0.0 <= self.end_learning_rate_fraction <= 1.0:
-      raise ValueError(f"pretrain.end_learning_rate_fraction={self.end_learning_rate_fraction} "
-                       "must be in [0, 1].")
-    if self.weight_decay < 0 or self.grad_clip_norm < 0:
-      raise ValueError(f"pretrain.weight_decay={self.weight_decay} and grad_clip_norm="
-                       f"{self.grad_clip_norm} must be >= 0 (grad_clip_norm 0 = no clipping).")
-    if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0):
-      raise ValueError(f"pretrain betas b1={self.b1}, b2={self.b2} must be in [0, 1).")
-    if not 0.0 <= self.reasoning_example_fraction <= 1.0:
-      raise ValueError(f"pretrain.reasoning_example_fraction={self.reasoning_example_fraction} "
-                       "must be in [0, 1].")
+    checks = (
+        ("steps", self.steps >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+        ("seq_len", self.seq_len >= 2, ">= 2 (a token and its target)"),
+        ("learning_rate", self.learning_rate > 0, "> 0"),
+        ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+        ("end_learning_rate_fraction", 0 <= self.end_learning_rate_fraction <= 1, "in [0, 1]"),
+        ("weight_decay", self.weight_decay >= 0, ">= 0"), ("b1", 0 <= self.b1 < 1, "in [0, 1)"),
+        ("b2", 0 <= self.b2 < 1, "in [0, 1)"),
+        ("grad_clip_norm", self.grad_clip_norm >= 0, ">= 0 (0 = no clipping)"),
+        ("reasoning_example_fraction", 0 <= self.reasoning_example_fraction <= 1, "in [0, 1]"),
+        ("max_context_tokens", self.max_context_tokens >= 1, ">= 1"),
+        ("min_context_tokens", self.min_context_tokens >= 1, ">= 1"),
+        ("log_every", self.log_every >= 1, ">= 1"), ("chunk_size", self.chunk_size >= 1, ">= 1"))
+    for name, ok, rule in checks:
+      if not ok:
+        raise ValueError(f"pretrain.{name}={getattr(self, name)!r} must be {rule}.")
     if prompts.THINK_END in self.thought:
       raise ValueError(f"pretrain.thought must not contain {prompts.THINK_END!r}: the answer "
                        "after it would be lost.")
@@ -184,10 +170,6 @@ class PretrainBatches:
                        "built; lower pretrain.min_context_tokens or use longer documents.")
     self._permutations: dict[int, np.ndarray] = {}
     self.skipped = {"bad_answer": 0, "bad_utf8": 0, "too_long": 0}
-
-  @property
-  def num_plain_chunks(self) -> int:
-    return len(self._chunks)
 
   def num_reasoning_rows(self, step: int) -> int:
     """Reasoning rows in batch `step`: the cumulative count round(s B f) is exact long-run."""
@@ -336,20 +318,18 @@ def pretrain(model: nnx.Module, tokenizer: tokenizer_lib.Tokenizer, documents: S
       params; its dict is merged into the logged metrics (e.g. a format-rate probe).
 
   Returns:
-    The last logged metrics plus steps, seconds (after the first step, which compiles),
-    tokens_per_second (real, non-padding tokens), steps_per_second, padding_fraction and the
-    batch builder's skipped-example counts (skipped_*).
+    The last logged metrics plus steps, total_seconds (wall, incl. compile and eval_fn),
+    train_seconds (after the first step, which compiles, minus eval_fn time), steps_per_second
+    and tokens_per_second (real, non-padding tokens) over train_seconds, padding_fraction, and
+    the batch builder's skipped-example counts (skipped_bad_answer/bad_utf8/too_long).
   """
   tokenizer_lib.check_vocab_fits(tokenizer, model.config.vocab_size)
   model.config.check_context_length(config.seq_len)
   if mesh is not None:
     rules = rules or mesh_lib.ShardingRules()
-    axes = rules.mesh_axes("batch") or ()
-    batch_shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str)
-                                                        else axes)]))
-    if config.batch_size % batch_shards:
-      raise ValueError(f"pretrain.batch_size={config.batch_size} is not a multiple of the "
-                       f"{batch_shards} batch shards of the mesh; use a multiple.")
+    if rules.spec(("batch",)) != rules.spec(("batch",), (config.batch_size,), mesh):
+      raise ValueError(f"pretrain.batch_size={config.batch_size} does not divide over the mesh "
+                       f"axes {rules.mesh_axes('batch')} of rule 'batch'; use a multiple of them.")
   batches = PretrainBatches(tokenizer, documents, config)
   tx, schedule = make_optimizer(config)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -358,8 +338,9 @@ def pretrain(model: nnx.Module, tokenizer: tokenizer_lib.Tokenizer, documents: S
     param_shardings = batch_shardings = None
   else:
     param_shardings = mesh_lib.state_shardings(params, mesh, rules)
-    batch_shardings = {k: rules.sharding(mesh, ("batch", "length")[:v.ndim], v.shape)
-                       for k, v in batches.batch(0).as_dict().items()}
+    batch_shardings = {k: rules.sharding(mesh, ("batch", "length")[:1 if k == "is_reasoning"
+                                                                  else 2])
+                       for k in PretrainBatch.__dataclass_fields__}
   # A fresh copy, so that donating it to the step leaves `model` intact.
   params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)(params)
   if mesh is None:
@@ -397,10 +378,17 @@ def pretrain(model: nnx.Module, tokenizer: tokenizer_lib.Tokenizer, documents: S
                                             functools.partial(lambda a, idx: a[idx], v))
             for k, v in arrays.items()}
 
-  real_tokens = padded_tokens = 0
-  metrics, logged = None, {}
+  real_tokens = padded_tokens = timed_tokens = 0
+  logged: dict[str, Any] = {}
   t_start = time.perf_counter()
-  t_after_first, tokens_after_first = None, 0
+  t_first = None  # when the first (compiling) step finished
+  eval_seconds = 0.0  # spent in eval_fn: not training throughput
+
+  def throughput(done: int) -> dict[str, float]:
+    seconds = time.perf_counter() - t_first - eval_seconds
+    return {"steps_per_second": (done - 1) / seconds if done > 1 else 0.0,
+            "tokens_per_second": timed_tokens / seconds if done > 1 else 0.0}
+
   bar = tqdm.tqdm(total=config.steps, disable=not progress, desc="pretrain", unit="step")
   for step in range(config.steps):
     host_batch = batches.batch(step)
@@ -408,34 +396,33 @@ def pretrain(model: nnx.Module, tokenizer: tokenizer_lib.Tokenizer, documents: S
     real_tokens += real
     padded_tokens += host_batch.tokens.size
     params, opt_state, metrics = step_fn(params, opt_state, to_device(host_batch))
-    if step == 0:
+    if t_first is None:
       jax.block_until_ready(metrics)
-      t_after_first = time.perf_counter()
+      t_first = time.perf_counter()
     else:
-      tokens_after_first += real
+      timed_tokens += real
     bar.update(1)
     done = step + 1
     if done % config.log_every == 0 or done == config.steps:
       logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      elapsed = time.perf_counter() - t_after_first
       logged["learning_rate"] = float(schedule(step))
-      logged["steps_per_second"] = (done - 1) / elapsed if done > 1 else 0.0
-      logged["tokens_per_second"] = tokens_after_first / elapsed if done > 1 else 0.0
+      logged.update(throughput(done))
       if eval_fn is not None:
+        t_eval = time.perf_counter()
         nnx.update(model, jax.tree.map(jnp.copy, params))  # a copy: the next step donates params
         logged.update(eval_fn(done, model))
+        eval_seconds += time.perf_counter() - t_eval
       bar.set_postfix(loss=f"{logged['loss']:.3f}", reasoning=f"{logged['reasoning_loss']:.3f}")
       if log_fn is not None:
         log_fn(done, dict(logged))
   bar.close()
   jax.block_until_ready(params)
-  seconds = time.perf_counter() - (t_after_first or t_start)
   nnx.update(model, params)
   result = dict(logged)
+  result.update(throughput(config.steps))
   result.update(
-      steps=config.steps, seconds=seconds, total_seconds=time.perf_counter() - t_start,
-      steps_per_second=(config.steps - 1) / seconds if config.steps > 1 else 0.0,
-      tokens_per_second=tokens_after_first / seconds if config.steps > 1 else 0.0,
+      steps=config.steps, total_seconds=time.perf_counter() - t_start,
+      train_seconds=time.perf_counter() - t_first - eval_seconds,
       padding_fraction=1.0 - real_tokens / max(padded_tokens, 1),
       **{f"skipped_{k}": v for k, v in batches.skipped.items()})
   return result

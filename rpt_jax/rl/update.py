@@ -153,14 +153,17 @@ def create_train_state(model: Transformer, optimizer: optax.GradientTransformati
   """Params of `model` (placed by their logical axes with a mesh), a fresh optimiser state with
   matching shardings (initialised under jit with those out_shardings), step 0.
 
-  Use `split_params(model)[0]` as the graphdef for `make_train_step`.
+  The state holds its OWN copies of the weights (the train step donates them; `model` keeps
+  working). Use `split_params(model)[0]` as the graphdef for `make_train_step`.
   """
   _, params = split_params(model)
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
   if mesh is None:
+    params = jax.jit(copy)(params)
     return TrainState(params=params, opt_state=optimizer.init(params),
                       step=jnp.zeros((), jnp.int32))
   shardings = train_state_shardings(params, optimizer, mesh, rules)
-  params = jax.device_put(params, shardings.params)
+  params = jax.jit(copy, out_shardings=shardings.params)(params)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
   return TrainState(params=params, opt_state=opt_state, step=step)
@@ -423,7 +426,12 @@ class TrainStep:
         raise ValueError(f"prompt_lengths must lie in [1, Lp={lp}]; got min {lengths.min()}, "
                          f"max {lengths.max()}.")
 
-  def _batch_shardings(self, batch: RolloutBatch) -> RolloutBatch:
+  def batch_shardings(self, batch: RolloutBatch) -> RolloutBatch:
+    """NamedShardings of each batch field: leading axis over the 'batch' rule (('data', 'fsdp'),
+    axes that do not divide it dropped). For multi-process runs, build global arrays with
+    `jax.make_array_from_process_local_data(sharding, local_rows)` per field."""
+    if self.mesh is None:
+      raise ValueError("batch_shardings needs a train step built with a mesh.")
     return RolloutBatch(**{
         name: None if getattr(batch, name) is None else
         self.rules.sharding(self.mesh, axes, np.shape(getattr(batch, name)))
@@ -438,7 +446,7 @@ class TrainStep:
         fn = jax.jit(self._step, donate_argnums=0)
       else:
         state_sh = train_state_shardings(state.params, self.optimizer, self.mesh, self.rules)
-        fn = jax.jit(self._step, in_shardings=(state_sh, self._batch_shardings(batch)),
+        fn = jax.jit(self._step, in_shardings=(state_sh, self.batch_shardings(batch)),
                      out_shardings=(state_sh, NamedSharding(self.mesh, P())),
                      donate_argnums=0)
       self._jitted[key] = fn

@@ -276,12 +276,16 @@ def test_a_few_steps_raise_the_reward_on_a_toy_task():
   @jax.jit
   def sample(params, key):
     m = nnx.merge(graphdef, params)
-    seq = jnp.repeat(jnp.asarray(prompt), g, axis=0)
-    for _ in range(n):  # Full forward each step: tiny shapes, no cache needed.
-      key, sub = jax.random.split(key)
-      nxt = jax.random.categorical(sub, m(seq)[:, -1])
-      seq = jnp.concatenate([seq, nxt[:, None].astype(jnp.int32)], axis=1)
-    return seq[:, prompt.shape[1]:]
+    lp = prompt.shape[1]
+    seq = jnp.zeros((groups * g, lp + n), jnp.int32).at[:, :lp].set(
+        jnp.repeat(jnp.asarray(prompt), g, axis=0))
+
+    def one(i, seq):  # Causal: the zeros after position lp + i - 1 do not change its logits.
+      logits = jax.lax.dynamic_index_in_dim(m(seq), lp + i - 1, axis=1, keepdims=False)
+      nxt = jax.random.categorical(jax.random.fold_in(key, i), logits)
+      return seq.at[:, lp + i].set(nxt.astype(jnp.int32))
+
+    return jax.lax.fori_loop(0, n, one, seq)[:, lp:]
 
   rewards_seen = []
   for i in range(steps):

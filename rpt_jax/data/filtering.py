@@ -62,8 +62,10 @@ def _entropy_of_top(top: jax.Array) -> jax.Array:
 
 def _stats_from_logits(logits_BLV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """(top-k entropy, argmax) per row of logits; ties in the argmax go to the lower id."""
-  top, ids = jax.lax.top_k(logits_BLV.astype(jnp.float32), min(k, logits_BLV.shape[-1]))
-  return _entropy_of_top(top), ids[..., 0].astype(jnp.int32)
+  logits_BLV = logits_BLV.astype(jnp.float32)
+  # A separate argmax, not top_k's first index: XLA:CPU turns top_k into a full sort when both
+  # of its outputs are used (measured 20x slower).
+  return topk_entropy(logits_BLV, k), jnp.argmax(logits_BLV, axis=-1).astype(jnp.int32)
 
 
 class ProxyScorer:

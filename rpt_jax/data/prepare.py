@@ -180,41 +180,47 @@ def _process_shard(shard: int, first_doc_id: int, documents: list[str], config: 
   ids = [np.asarray(e[0], np.int32) for e in encoded]
   # A document needs a token at t >= max(1, min_context_tokens) to give any position.
   usable = [i for i, x in enumerate(ids) if len(x) > max(1, config.min_context_tokens)]
-  per_split = {s: [] for s in records.SPLITS}
   counts = {s: _split_counts(config.bucket_thresholds) for s in records.SPLITS}
   marker = {"shard": shard, "documents": len(documents),
             "short_documents": len(documents) - len(usable), "positions_scored": 0,
             "positions_selected": 0, "max_completion_bytes": 0}
-  scored = filtering.score_documents(scorer, [ids[i] for i in usable],
-                                     overlap=config.score_overlap, pad_id=tokenizer.pad_id)
-  for j, entropy_T, argmax_T in scored:
-    i = usable[j]
-    doc_id = first_doc_id + i
-    doc_ids = ids[i]
-    correct_T = argmax_T == doc_ids
-    positions = filtering.select_positions(
-        entropy_T, correct_T, filter_name=config.filter, threshold=config.entropy_threshold,
-        min_context_tokens=config.min_context_tokens, rng=filtering.document_rng(config.seed,
-                                                                                 doc_id),
-        max_positions=config.max_positions_per_document)
-    split = records.document_split(doc_id, config.eval_fraction, config.seed)
-    recs = records.make_records(
-        doc_id, doc_ids, encoded[i][1], documents[i].encode("utf-8"), positions, entropy_T,
-        correct_T, filtering.difficulty_buckets(entropy_T, config.bucket_thresholds), split,
-        max_prompt_tokens=config.max_prompt_tokens, completion_tokens=config.completion_tokens)
-    marker["positions_scored"] += int(np.sum(np.isfinite(entropy_T)))
-    marker["positions_selected"] += len(positions)
-    per_split[split].extend(recs)
-    counts[split]["documents"] += 1
-    for r in recs:
-      counts[split]["buckets"][str(r.bucket)] += 1
-      marker["max_completion_bytes"] = max(marker["max_completion_bytes"], len(r.completion))
+  # Records stream to disk while the next windows are scored (writers open temp files lazily).
+  writers = {s: records.ShardWriter(os.path.join(out_dir, f"{s}-{shard:05d}.arrayrecord"))
+             for s in records.SPLITS}
+  try:
+    scored = filtering.score_documents(scorer, [ids[i] for i in usable],
+                                       overlap=config.score_overlap, pad_id=tokenizer.pad_id)
+    for j, entropy_T, argmax_T in scored:
+      i = usable[j]
+      doc_id = first_doc_id + i
+      correct_T = argmax_T == ids[i]
+      positions = filtering.select_positions(
+          entropy_T, correct_T, filter_name=config.filter, threshold=config.entropy_threshold,
+          min_context_tokens=config.min_context_tokens,
+          rng=filtering.document_rng(config.seed, doc_id),
+          max_positions=config.max_positions_per_document)
+      split = records.document_split(doc_id, config.eval_fraction, config.seed)
+      recs = records.make_records(
+          doc_id, ids[i], encoded[i][1], documents[i].encode("utf-8"), positions, entropy_T,
+          correct_T, filtering.difficulty_buckets(entropy_T, config.bucket_thresholds), split,
+          max_prompt_tokens=config.max_prompt_tokens,
+          completion_tokens=config.completion_tokens)
+      marker["positions_scored"] += int(np.sum(np.isfinite(entropy_T)))
+      marker["positions_selected"] += len(positions)
+      counts[split]["documents"] += 1
+      for r in recs:
+        writers[split].write(r)
+        counts[split]["buckets"][str(r.bucket)] += 1
+        marker["max_completion_bytes"] = max(marker["max_completion_bytes"], len(r.completion))
+  except BaseException:
+    for writer in writers.values():
+      writer.abort()
+    raise
   files = {}
-  for split, recs in per_split.items():
-    counts[split]["records"] = len(recs)
-    if recs:
-      files[split] = f"{split}-{shard:05d}.arrayrecord"
-      records.write_shard(os.path.join(out_dir, files[split]), recs)
+  for split, writer in writers.items():
+    counts[split]["records"] = writer.commit()
+    if counts[split]["records"]:
+      files[split] = os.path.basename(writer.path)
   marker.update(files=files, counts=counts)
   return marker
 

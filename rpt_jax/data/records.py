@@ -39,8 +39,9 @@ MAGIC = b"RPTP"
 FORMAT_VERSION = 1
 SPLITS = ("train", "eval")
 _HEADER = struct.Struct("<4sHqifBBBIII")
-# One record per ArrayRecord chunk: Grain reads records at random, one at a time.
-WRITER_OPTIONS = "group_size:1"
+# One record per ArrayRecord chunk (Grain reads records at random, one at a time); zstd level 1
+# writes ~1.6x faster than the default level 3 at about the same size.
+WRITER_OPTIONS = "group_size:1,zstd:1"
 
 
 @dataclasses.dataclass(eq=False)
@@ -132,41 +133,72 @@ def make_records(doc_id: int, ids: Sequence[int] | np.ndarray,
     SentencePiece word marker with no text, has nothing to predict and is skipped).
   """
   ids = np.asarray(ids, np.int32)
-  ends = np.asarray(spans, np.int64).reshape(-1, 2)[:, 1]
-  starts = np.asarray(spans, np.int64).reshape(-1, 2)[:, 0]
+  spans = np.asarray(spans, np.int64).reshape(-1, 2)
+  starts, ends = spans[:, 0], spans[:, 1]
+  positions = np.asarray(list(positions), np.int64)
+  positions = positions[ends[positions] > starts[positions]]  # zero-width: nothing to predict
+  n = len(ids)
+  cols = positions[:, None] + np.arange(completion_tokens)
+  valid = cols < n
+  cumulative = np.where(valid, ends[np.minimum(cols, n - 1)] - starts[positions][:, None], 0)
+  previous = np.concatenate([np.zeros_like(cumulative[:, :1]), cumulative[:, :-1]], axis=1)
+  # Zero-width tokens repeat a boundary; a boundary of 0 would reward an empty answer.
+  keep = valid & (cumulative > previous)
+  cumulative = cumulative.astype(np.int32)
+  first_bytes = starts[positions].tolist()
+  last_bytes = ends[np.minimum(positions + completion_tokens, n) - 1].tolist()
+  entropy, correct = entropy_T[positions].tolist(), correct_T[positions].tolist()
+  bucket = bucket_T[positions].tolist()
   out = []
-  for t in positions:
-    t = int(t)
-    stop = min(t + completion_tokens, len(ids))
-    start_byte = int(starts[t])
-    cumulative = ends[t:stop] - start_byte
-    # Zero-width tokens repeat a boundary; a boundary of 0 would reward an empty answer.
-    boundaries = np.unique(cumulative[cumulative > 0]).astype(np.int32)
-    if ends[t] <= start_byte:
-      continue
+  for i, t in enumerate(positions.tolist()):
     out.append(PositionRecord(
         doc_id=doc_id, position=t, context_ids=ids[max(0, t - max_prompt_tokens):t],
-        completion=text_bytes[start_byte:int(ends[stop - 1])], boundaries=boundaries,
-        entropy=float(entropy_T[t]), proxy_correct=bool(correct_T[t]), bucket=int(bucket_T[t]),
-        split=split))
+        completion=text_bytes[first_bytes[i]:last_bytes[i]], boundaries=cumulative[i][keep[i]],
+        entropy=entropy[i], proxy_correct=bool(correct[i]), bucket=int(bucket[i]), split=split))
   return out
+
+
+class ShardWriter:
+  """Streams records into ArrayRecord file `path` under a temporary name.
+
+  `commit()` renames it into place (or, with no record written, leaves no file); `abort()`
+  deletes it. A file with the final name is therefore always complete.
+  """
+
+  def __init__(self, path: str):
+    self.path, self.count, self._writer = path, 0, None
+
+  def write(self, record: PositionRecord) -> None:
+    if self._writer is None:
+      from array_record.python.array_record_module import ArrayRecordWriter
+      self._writer = ArrayRecordWriter(self.path + ".tmp", WRITER_OPTIONS)
+    self._writer.write(record.to_bytes())
+    self.count += 1
+
+  def commit(self) -> int:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+      os.replace(self.path + ".tmp", self.path)
+    return self.count
+
+  def abort(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+      os.remove(self.path + ".tmp")
 
 
 def write_shard(path: str, records: Iterable[PositionRecord]) -> int:
   """Writes `records` to ArrayRecord file `path` atomically; returns the count."""
-  from array_record.python.array_record_module import ArrayRecordWriter
-
-  tmp = path + ".tmp"
-  writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
-  count = 0
+  writer = ShardWriter(path)
   try:
     for record in records:
-      writer.write(record.to_bytes())
-      count += 1
-  finally:
-    writer.close()
-  os.replace(tmp, path)
-  return count
+      writer.write(record)
+  except BaseException:
+    writer.abort()
+    raise
+  return writer.commit()
 
 
 def read_shard(path: str) -> list[PositionRecord]:

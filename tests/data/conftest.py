@@ -22,7 +22,7 @@ def tiny_proxy(vocab_size: int, *, seed: int = 0, logit_scale: float = 25.0) -> 
                        attention_bias=True)
   model = Transformer(config, rngs=nnx.Rngs(seed))
   # Random init gives near-uniform logits (entropy ~ log 16 everywhere): sharpen them.
-  model.lm_head.value = model.lm_head.value * logit_scale
+  model.lm_head[...] = model.lm_head[...] * logit_scale
   return model
 
 

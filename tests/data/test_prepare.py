@@ -102,27 +102,30 @@ def test_preparation_is_byte_identical(prepared, tmp_path, tokenizer, proxy):
 def test_resume_after_interruption(prepared, tmp_path, monkeypatch, tokenizer, proxy):
   out, _ = prepared
   target = str(tmp_path / "c")
-  real_write = records.write_shard
+  real_write = records.ShardWriter.write
   calls = []
 
-  def crashing_write(path, recs):
-    if "-00002." in path:  # Die mid-write of shard 2, leaving a temporary file behind.
-      with open(path + ".tmp", "wb") as f:
-        f.write(b"half")
+  def crashing_write(self, record):
+    real_write(self, record)
+    if "-00002." in self.path:  # Die mid-write of shard 2, its temporary file half written.
       raise KeyboardInterrupt("simulated crash")
-    return real_write(path, recs)
 
-  monkeypatch.setattr(records, "write_shard", crashing_write)
+  monkeypatch.setattr(records.ShardWriter, "write", crashing_write)
   with pytest.raises(KeyboardInterrupt):
     prepare(small_config(), tokenizer, proxy, target, show_progress=False)
   assert not os.path.exists(os.path.join(target, "manifest.json"))
   assert sorted(os.listdir(os.path.join(target, "progress"))) == [
       "identity.json", "shard-00000.json", "shard-00001.json"]
+  assert not [f for f in os.listdir(target) if f.endswith(".tmp")]  # the writer cleaned up
   with pytest.raises(FileNotFoundError, match="not a finished data preparation"):
     from rpt_jax.data.pipeline import read_manifest
     read_manifest(target)
+  # A hard kill (no cleanup) leaves temporary files: the resumed run must ignore/remove them.
+  for stale in ("train-00002.arrayrecord.tmp", "progress/shard-00002.json.tmp"):
+    with open(os.path.join(target, stale), "wb") as f:
+      f.write(b"half")
 
-  monkeypatch.setattr(records, "write_shard", real_write)
+  monkeypatch.setattr(records.ShardWriter, "write", real_write)
   real_process = prepare_lib._process_shard
   monkeypatch.setattr(prepare_lib, "_process_shard",
                       lambda shard, *a, **k: calls.append(shard) or real_process(shard, *a, **k))

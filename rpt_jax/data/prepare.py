@@ -359,3 +359,48 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
         "threshold, or use longer documents. Nothing was written.")
   _write_json(manifest_path, manifest)
   return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+  """Standalone use: `python -m rpt_jax.data.prepare --out DIR --tokenizer T --proxy HF_DIR`."""
+  import argparse
+
+  p = argparse.ArgumentParser(description="Score, filter and write RPT position records.")
+  p.add_argument("--out", required=True, help="output folder (resumes if it exists)")
+  p.add_argument("--tokenizer", required=True, help="SentencePiece .model or HF tokenizer dir")
+  p.add_argument("--proxy", required=True, help="HF model dir (config.json + safetensors)")
+  p.add_argument("--kind", default="synthetic", help="source kind: text|jsonl|parquet|tfds|"
+                 "synthetic")
+  p.add_argument("--path", help="corpus file or folder")
+  p.add_argument("--field", default="text")
+  p.add_argument("--tfds-name")
+  p.add_argument("--tfds-data-dir")
+  p.add_argument("--split", default="train")
+  p.add_argument("--split-on-blank-lines", action="store_true")
+  p.add_argument("--max-documents", type=int)
+  defaults = PrepareConfig()
+  for name in ("filter", "entropy_threshold", "min_context_tokens", "max_prompt_tokens",
+               "completion_tokens", "max_positions_per_document", "score_seq_len",
+               "score_overlap", "score_batch_size", "eval_fraction", "seed", "docs_per_shard"):
+    value = getattr(defaults, name)
+    kind = type(value) if value is not None else int
+    p.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
+  args = p.parse_args(argv)
+
+  from rpt_jax.model.hf_io import load_hf
+  from rpt_jax.tokenizer import load_tokenizer
+
+  source = SourceConfig(kind=args.kind, path=args.path, field=args.field, name=args.tfds_name,
+                        data_dir=args.tfds_data_dir, split=args.split,
+                        split_on_blank_lines=args.split_on_blank_lines,
+                        max_documents=args.max_documents)
+  fields = {f.name for f in dataclasses.fields(PrepareConfig)}
+  config = PrepareConfig(source=source, tokenizer_id=args.tokenizer, proxy_id=args.proxy,
+                         **{k: v for k, v in vars(args).items() if k in fields})
+  model, _ = load_hf(args.proxy)
+  manifest = prepare(config, load_tokenizer(args.tokenizer), model, args.out)
+  print(json.dumps({"out": args.out, "counts": manifest.get("counts", manifest)}, indent=1))
+
+
+if __name__ == "__main__":
+  main()

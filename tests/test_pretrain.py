@@ -1,4 +1,4 @@
-"""Tests for rpt_jax.pretrain: batch builder, loss vs numpy, sharded == unsharded, format learning."""
+"""Tests for rpt_jax.pretrain: batches, loss vs numpy, sharded == unsharded, format learning."""
 import dataclasses
 
 import jax
@@ -121,7 +121,9 @@ def test_batches_are_deterministic_and_seeded(tokenizer, corpus):
       np.testing.assert_array_equal(value, b.batch(step).as_dict()[key])
   assert not np.array_equal(a.batch(1).tokens, c.batch(1).tokens)
   # The cumulative rounding gives the exact long-run share: 0.3 * 8 = 2.4 rows per step.
-  shares = [pt.PretrainBatches(tokenizer, corpus, dataclasses.replace(cfg, reasoning_example_fraction=0.3)).num_reasoning_rows(s) for s in range(10)]
+  mixed = pt.PretrainBatches(tokenizer, corpus,
+                             dataclasses.replace(cfg, reasoning_example_fraction=0.3))
+  shares = [mixed.num_reasoning_rows(s) for s in range(10)]
   assert sum(shares) == 24 and set(shares) == {2, 3}
 
 

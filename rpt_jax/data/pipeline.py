@@ -185,7 +185,9 @@ class PromptLoader:
     shuffle: shuffle records (a new order every epoch).
     num_epochs: passes over the data; None repeats forever.
     shard_index, shard_count: this process's slice; default jax.process_index()/count().
-    worker_count: Grain worker processes (0: in this process).
+    worker_count: Grain worker processes (0: in this process). Grain batches inside each
+      worker, so which records share a batch depends on worker_count: keep it fixed across a
+      restart that restores iterator state.
     drop_remainder: drop the last incomplete batch (keeps the batch shape static).
   """
 

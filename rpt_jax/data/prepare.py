@@ -325,7 +325,9 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
       proxy_model, mesh=mesh, batch_size=config.score_batch_size, seq_len=config.score_seq_len,
       k=config.topk, logits_chunk=config.logits_chunk)
   src = config.source
-  total = src.max_documents or (src.synthetic.num_documents if src.kind == "synthetic" else None)
+  total = src.synthetic.num_documents if src.kind == "synthetic" else None
+  if src.max_documents is not None:
+    total = min(total or src.max_documents, src.max_documents)
   num_shards = 0
   with tqdm(total=total, unit="doc", desc="prepare", disable=not show_progress) as bar:
     for shard, docs in enumerate(_shards(itertools.chain([first], documents),

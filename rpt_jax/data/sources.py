@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 from rpt_jax.data.synthetic import SyntheticConfig, synthetic_documents
 
-_EXTENSIONS = {"text": (".txt",), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
+_EXTENSIONS = {"text": (".txt",), "jsonl": (".jsonl",), "parquet": (".parquet",)}
 
 
 @dataclasses.dataclass(frozen=True)

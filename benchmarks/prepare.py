@@ -35,7 +35,8 @@ from rpt_jax.tokenizer import train_sentencepiece
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--docs", type=int, default=120)
-  parser.add_argument("--repeats", type=int, default=2, help="timed passes of the scorer and of prepare(); the fastest of each counts")
+  parser.add_argument("--repeats", type=int, default=2,
+                      help="timed passes of the scorer and of prepare(); the fastest counts")
   parser.add_argument("--hidden", type=int, default=256)
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--vocab", type=int, default=1024)

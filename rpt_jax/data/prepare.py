@@ -43,7 +43,8 @@ from rpt_jax.data.sources import SourceConfig, SourceStats, iter_documents
 MANIFEST = "manifest.json"
 PROGRESS = "progress"
 MANIFEST_FORMAT = "rpt_jax.position_records"
-_TOKENIZER_PROBE = "The quick brown fox jumps over 13 lazy dogs: 4827 + 3596 = 8423. é ü 数学 😀\n"
+_TOKENIZER_PROBE = ("The quick brown fox jumps over 13 lazy dogs: 4827 + 3596 = 8423. "
+                    "é ü 数学 😀\n")
 
 
 @dataclasses.dataclass(frozen=True)

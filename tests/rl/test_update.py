@@ -223,6 +223,10 @@ def test_sharded_train_step_equals_unsharded(setup, one_step):
   assert state.params["layers"][0]["mlp"]["gate"].get_value().sharding.spec == P("fsdp", "tensor")
   mu = state.opt_state[1].inner_state[0].mu
   assert mu["lm_head"].get_value().sharding.spec == P("fsdp", "tensor")
+  # The abstract state (for checkpoint restore) carries the same shardings.
+  abstract = update.abstract_train_state(update.split_params(model)[1], opt, mesh)
+  for a, x in zip(jax.tree.leaves(abstract), jax.tree.leaves(state), strict=True):
+    assert a.shape == x.shape and a.sharding.is_equivalent_to(x.sharding, x.ndim)
   step_fn = update.make_train_step(graphdef, LOSS, opt, num_generations=G, temperature=TAU,
                                    micro_batch_contexts=2, mesh=mesh, logprob_chunk_size=2)
   new_state, metrics = step_fn(state, batch)

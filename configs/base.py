@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.dynamic_sampling_from_step = 500  # drop all-equal groups and refill from this step on
   c.rl.dynamic_sampling_max_tries = 4
   c.rl.rollout_micro_batch = 64  # contexts per sampler call
-  c.rl.train_micro_batch = 64  # rollouts per gradient-accumulation micro-step
+  c.rl.train_micro_batch = 8  # contexts (each with its G rollouts) per gradient-accumulation micro-step
   c.rl.shared_prefix = True  # encode each context once per group in the train pass
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -89,7 +89,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Plain next-token pretraining (used by the offline default to start from a non-random policy).
   c.pretrain = ml_collections.ConfigDict(dict(
       steps=0, batch_size=32, seq_len=256, learning_rate=1e-3, warmup_steps=50,
-      reasoning_example_fraction=0.5, thought="Let me work out the next token."))
+      reasoning_example_fraction=0.5, thought="Let me work out the next token.",
+      max_context_tokens=64, min_context_tokens=8, log_every=10))
 
   c.eval = ml_collections.ConfigDict(dict(
       max_positions=200, num_samples=1, pass_k=(1,), temperature=0.8, batch_contexts=32))

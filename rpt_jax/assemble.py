@@ -30,8 +30,10 @@ from rpt_jax.data.synthetic import SyntheticConfig
 from rpt_jax.model import hf_io
 from rpt_jax.model.config import ModelConfig
 from rpt_jax.model.transformer import Transformer, init_model
+from rpt_jax.rl import prompts
 
 TOKENIZER_DOCS = 2000  # documents the offline SentencePiece model is trained on
+TEMPLATE_REPEATS = 200  # copies of the prompt template / answer format in its training text
 
 
 def workdir_path(workdir: str, *parts: str) -> str:
@@ -78,7 +80,12 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict,
   spm_path = workdir_path(workdir, "tokenizer", "spm.model")
   if os.path.exists(spm_path):
     return tokenizer_lib.load_tokenizer(spm_path)
-  docs = itertools.islice(iter_documents(source_config(config)), TOKENIZER_DOCS)
+  docs = list(itertools.islice(iter_documents(source_config(config)), TOKENIZER_DOCS))
+  # The prompt template and answer format are in every RPT sequence: giving them to the tokenizer
+  # makes their words single pieces instead of ~2 tokens per character.
+  template_text = prompts.format_prompt("", config.data.template)
+  answer_text = prompts.format_response(config.pretrain.thought, "0")
+  docs += [template_text, answer_text] * TEMPLATE_REPEATS
   logging.info("Training a %d-piece SentencePiece tokenizer -> %s",
                config.tokenizer.train_vocab_size, spm_path)
   return tokenizer_lib.train_sentencepiece(docs, config.tokenizer.train_vocab_size, spm_path)

@@ -1,0 +1,324 @@
+"""The RPT loop: prompt batches -> G rollouts per context -> rewards -> GRPO update -> metrics.
+
+One step (PAPER.md, Section 3.3):
+  data      next `PromptBatch` of this process's contexts from the Grain loader
+  rollout   the sampler prefills each context once and decodes G responses (rollout micro-batches)
+  reward    each process decodes and scores only its own rows (prefix-matching reward on bytes)
+  advantage group-normalised advantages; from `dynamic_sampling_from_step` on, groups whose G
+            rewards are all equal are dropped and the batch is refilled from further contexts
+  train     one jitted, sharded parameter update (gradient accumulation over micro-batches)
+  checkpoint every `checkpoint_every` steps, on SIGTERM/preemption, and at the end
+
+A run is a pure function of (config, data, step): the rollout key is `fold_in(root, step)`, the
+loader state is checkpointed with the parameters, so a resumed run logs the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rpt_jax import checkpoint as checkpoint_lib
+from rpt_jax import mesh as mesh_lib
+from rpt_jax.data.pipeline import PromptBatch
+from rpt_jax.metrics import MetricsWriter, to_float
+from rpt_jax.rl import advantages as advantages_lib
+from rpt_jax.rl import dynamic_sampling, optim, update
+from rpt_jax.rl.loss import LossConfig
+from rpt_jax.rl.reward import score_rollouts
+from rpt_jax.rl.sampler import Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class RPTConfig:
+  """Settings of the RPT loop (the config's `rl`, `optim` and `train` sections)."""
+
+  steps: int
+  num_generations: int = 8
+  temperature: float = 0.8
+  top_k: int = 0
+  top_p: float = 1.0
+  max_new_tokens: int = 8192
+  reward: str = "prefix_match"
+  advantage: str = "grpo"
+  loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+  dynamic_sampling_from_step: int = 500
+  dynamic_sampling_max_tries: int = 4
+  rollout_micro_batch: int = 64
+  train_micro_batch: int = 64
+  shared_prefix: bool = True
+  optimizer: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  log_every: int = 1
+  checkpoint_every: int = 50
+  max_consecutive_nonfinite: int = 3
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.num_generations < 2:
+      raise ValueError(f"rl.num_generations={self.num_generations}: GRPO needs at least 2 "
+                       "rollouts per context to compare.")
+    if self.temperature < 0:
+      raise ValueError(f"rl.temperature={self.temperature} must be >= 0.")
+    if self.steps < 0 or self.max_new_tokens < 1:
+      raise ValueError(f"train.steps={self.steps} / rl.max_new_tokens={self.max_new_tokens} "
+                       "must be >= 0 / >= 1.")
+
+  @classmethod
+  def from_config(cls, config) -> "RPTConfig":
+    rl = config.rl
+    return cls(
+        steps=config.train.steps, num_generations=rl.num_generations,
+        temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
+        max_new_tokens=rl.max_new_tokens, reward=rl.reward, advantage=rl.advantage,
+        loss=LossConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, aggregation=rl.aggregation,
+                        beta=rl.beta, kl_estimator=rl.kl_estimator,
+                        entropy_coef=rl.entropy_coef, max_response_length=rl.max_new_tokens),
+        dynamic_sampling_from_step=rl.dynamic_sampling_from_step,
+        dynamic_sampling_max_tries=rl.dynamic_sampling_max_tries,
+        rollout_micro_batch=rl.rollout_micro_batch, train_micro_batch=rl.train_micro_batch,
+        shared_prefix=rl.shared_prefix,
+        optimizer=dict(config.optim.to_dict(), total_steps=max(config.train.steps, 1)),
+        log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
+        max_consecutive_nonfinite=config.train.max_consecutive_nonfinite, seed=config.seed)
+
+
+class Timer:
+  """Wall time per named phase of one step."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+
+  def phase(self, name: str):
+    timer = self
+
+    class _Span:
+      def __enter__(self):
+        self.start = time.perf_counter()
+
+      def __exit__(self, *exc):
+        timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.start
+
+    return _Span()
+
+
+def _global_min(flag: bool) -> bool:
+  """True when `flag` holds on every process."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def _pad_prompts(batch: update.RolloutBatch, width: int, pad_id: int) -> update.RolloutBatch:
+  """Right-pads prompt_tokens to `width` (candidates can come from different length buckets)."""
+  extra = width - batch.prompt_tokens.shape[1]
+  if extra == 0:
+    return batch
+  return batch.replace(prompt_tokens=np.pad(batch.prompt_tokens, ((0, 0), (0, extra)),
+                                            constant_values=pad_id))
+
+
+def process_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in global row order."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  rows, seen = [], set()
+  for shard in shards:
+    start = shard.index[0].start or 0
+    if start not in seen:  # Replicas over non-batch axes hold the same rows.
+      seen.add(start)
+      rows.append(np.asarray(shard.data))
+  return np.concatenate(rows, axis=0)
+
+
+class RPTTrainer:
+  """Owns the policy's train state, the sampler and the jitted update; runs the RPT loop."""
+
+  def __init__(self, model: nnx.Module, tokenizer, config: RPTConfig, *, mesh: Mesh,
+               rules: mesh_lib.ShardingRules | None = None, workdir: str,
+               checkpointer: checkpoint_lib.Checkpointer | None = None,
+               keep_checkpoints: int = 3, progress: bool = True):
+    self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
+    self.rules = rules or mesh_lib.ShardingRules()
+    self.workdir, self.progress = workdir, progress
+    self.G = config.num_generations
+    self.optimizer = optim.make_optimizer(**config.optimizer)
+    self.graphdef, _ = update.split_params(model)
+    self.state = update.create_train_state(model, self.optimizer, mesh=mesh, rules=self.rules)
+    self.train_step = update.make_train_step(
+        self.graphdef, config.loss, self.optimizer, num_generations=self.G,
+        temperature=max(config.temperature, 1e-6), micro_batch_contexts=config.train_micro_batch,
+        shared_prefix=config.shared_prefix, mesh=mesh, rules=self.rules)
+    self.sampler = Sampler(model, mesh=mesh, rules=self.rules, pad_id=tokenizer.pad_id)
+    self.root_key = jax.random.key(config.seed)
+    self.checkpointer = checkpointer or checkpoint_lib.Checkpointer(
+        workdir, save_interval_steps=max(config.checkpoint_every, 1),
+        max_to_keep=keep_checkpoints)
+    self.batch_sharding = NamedSharding(mesh, self.rules.spec(("batch",)))
+    self.dynamic = dynamic_sampling.DynamicSampler(
+        batch_contexts=1, group_size=self.G, from_step=config.dynamic_sampling_from_step,
+        max_tries=max(config.dynamic_sampling_max_tries, 1))
+    self.step = 0
+
+  # -- state ---------------------------------------------------------------------------------------
+
+  def restore(self, data_iterator) -> bool:
+    """Restores the latest checkpoint (params, optimiser, step, loader state); False if none."""
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+    restored = self.checkpointer.restore_latest(abstract)
+    if restored is None:
+      return False
+    step, self.state, data_state, _ = restored
+    self.step = int(step)
+    if data_state is not None:
+      data_iterator.set_state(data_state)
+    else:
+      logging.warning("Checkpoint %d has no loader state for this process layout; the data "
+                      "order restarts.", step)
+    logging.info("Resumed from step %d.", self.step)
+    return True
+
+  def save(self, data_iterator, *, force: bool = False) -> None:
+    self.checkpointer.save(self.step, self.state, data_state=data_iterator.get_state(),
+                           extra={"step": self.step}, force=force)
+
+  def params(self):
+    return self.state.params
+
+  # -- one step ------------------------------------------------------------------------------------
+
+  def _to_global(self, local: np.ndarray) -> jax.Array:
+    return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local))
+
+  def rollout(self, batch: PromptBatch, step: int, attempt: int):
+    cfg = self.config
+    key = jax.random.fold_in(jax.random.fold_in(self.root_key, step), attempt)
+    out = self.sampler.generate(
+        self._to_global(batch.prompt_tokens), self._to_global(batch.prompt_lengths),
+        num_samples=self.G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=tuple(self.tokenizer.stop_ids), rng=key,
+        params=self.state.params, micro_batch=cfg.rollout_micro_batch)
+    return process_rows(out.tokens), process_rows(out.lengths), process_rows(out.done)
+
+  def score(self, batch: PromptBatch, tokens: np.ndarray, lengths: np.ndarray,
+            done: np.ndarray):
+    """Rewards of this process's rows; a response's stop token is not part of its text."""
+    responses = []
+    for row, n, hit_eos in zip(tokens, lengths, done):
+      responses.append(self.tokenizer.decode(row[:max(int(n) - int(hit_eos), 0)].tolist()))
+    completions = [c for c in batch.completions() for _ in range(self.G)]
+    boundaries = [b for b in batch.boundary_lists() for _ in range(self.G)]
+    return score_rollouts(responses, completions, boundaries, reward=self.config.reward,
+                          response_lengths=lengths)
+
+  def candidate(self, data_iterator, step: int, attempt: int, timer: Timer):
+    """One candidate rollout batch (this process's rows, numpy) and its scored rewards."""
+    with timer.phase("data"):
+      batch = next(data_iterator)
+    with timer.phase("rollout"):
+      tokens, lengths, done = self.rollout(batch, step, attempt)
+    with timer.phase("reward"):
+      scored = self.score(batch, tokens, lengths, done)
+      advantages = advantages_lib.group_advantages(
+          jnp.asarray(scored.rewards), self.G, estimator=self.config.advantage)
+      mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+      rollouts = update.RolloutBatch(
+          prompt_tokens=batch.prompt_tokens, prompt_lengths=batch.prompt_lengths,
+          completion_tokens=tokens, completion_mask=mask.astype(np.int32),
+          advantages=np.asarray(advantages, np.float32))
+    return rollouts, scored
+
+  def gather_candidates(self, data_iterator, step: int, timer: Timer):
+    """Candidates for dynamic sampling, generated in lockstep on every process (the sampler is
+    one SPMD program): more are drawn while ANY process lacks groups with reward spread."""
+    cfg = self.config
+    active = self.dynamic.active(step)
+    candidates, first_scored = [], None
+    for attempt in range(cfg.dynamic_sampling_max_tries if active else 1):
+      rollouts, scored = self.candidate(data_iterator, step, attempt, timer)
+      first_scored = first_scored or scored
+      candidates.append((rollouts, scored.rewards))
+      if not active:
+        break
+      kept = sum(int(dynamic_sampling.groups_with_spread(r, self.G).sum()) for _, r in candidates)
+      if _global_min(kept >= len(candidates[0][0].prompt_lengths)):
+        break
+    width = max(c.prompt_tokens.shape[1] for c, _ in candidates)
+    candidates = [(_pad_prompts(c, width, self.tokenizer.pad_id), r) for c, r in candidates]
+    return candidates, first_scored
+
+  def run_step(self, data_iterator: Iterator[PromptBatch], writer: MetricsWriter | None) -> dict:
+    cfg, step, timer = self.config, self.step, Timer()
+    candidates, scored = self.gather_candidates(data_iterator, step, timer)
+    local_contexts = candidates[0][0].prompt_lengths.shape[0]
+    fill = dataclasses.replace(self.dynamic, batch_contexts=local_contexts).fill(candidates, step)
+    with timer.phase("train"):
+      rollouts = jax.tree.map(self._to_global, fill.batch)
+      self.state, train_metrics = self.train_step(self.state, rollouts)
+      train_metrics = jax.device_get(train_metrics)
+    self.step += 1
+    metrics = {**{f"reward/{k}": v for k, v in scored.metrics().items()},
+               **{f"train/{k}": to_float(v) for k, v in train_metrics.items()},
+               **(fill.metrics() if self.dynamic.active(step) else {}),
+               **{f"time/{k}": v for k, v in timer.seconds.items()}}
+    metrics["time/step"] = sum(timer.seconds.values())
+    if writer is not None and (step % cfg.log_every == 0 or self.step == cfg.steps):
+      writer.write(step, metrics)
+    return metrics
+
+  # -- the loop ------------------------------------------------------------------------------------
+
+  def run(self, data_iterator, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Trains until `config.steps`; returns the last step's metrics."""
+    from tqdm.auto import tqdm
+
+    cfg = self.config
+    writer = MetricsWriter(self.workdir, mode="train", resume_step=self.step)
+    self.checkpointer.install_sigterm_handler()
+    nonfinite, metrics = 0, {}
+    bar = tqdm(total=cfg.steps, initial=self.step, desc="rpt", unit="step",
+               disable=not self.progress or jax.process_index() != 0)
+    try:
+      while self.step < cfg.steps:
+        metrics = self.run_step(data_iterator, writer)
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward/mean_reward']:.3f}",
+                        fmt=f"{metrics['reward/format_rate']:.2f}")
+        if on_step is not None:
+          on_step(self.step, metrics)
+        skipped = metrics.get("train/skipped", 0.0) > 0 or not math.isfinite(
+            metrics.get("train/loss", 0.0))
+        nonfinite = nonfinite + 1 if skipped else 0
+        if skipped:
+          logging.warning("step %d: non-finite loss or gradient; the update was skipped.",
+                          self.step - 1)
+        if nonfinite >= cfg.max_consecutive_nonfinite:
+          self.save(data_iterator, force=True)
+          self.checkpointer.wait_until_finished()
+          raise FloatingPointError(
+              f"{nonfinite} consecutive non-finite updates at step {self.step}; stopped after "
+              "a checkpoint. Lower optim.learning_rate or check the data.")
+        t0 = time.perf_counter()
+        if self.checkpointer.should_stop(self.step):
+          self.save(data_iterator, force=True)
+          self.checkpointer.wait_until_finished()
+          logging.warning("Stop requested (SIGTERM/preemption): saved step %d.", self.step)
+          break
+        self.save(data_iterator, force=self.step == cfg.steps)
+        metrics["time/checkpoint"] = time.perf_counter() - t0
+    finally:
+      bar.close()
+      self.checkpointer.wait_until_finished()
+      writer.close()
+    return metrics

@@ -10,10 +10,14 @@ Per batch: rows are right-padded with the tokenizer's pad id to the smallest `pr
 length that fits the batch's longest prompt, so the device sees only a few static shapes.
 Completions and boundaries are padded to static widths from the manifest.
 
-Records are read with a seeded shuffle (`IndexSampler`), sharded by process (by default
-`jax.process_index()` of `jax.process_count()`, remainder dropped, so each process gets a
-disjoint, equal-sized slice), and repeated for `num_epochs` (None: forever). The iterator's
-`get_state`/`set_state` (JSON bytes from Grain) resume exactly at the next batch.
+Order (`GlobalBatchSampler`): ONE seeded global shuffle of all records (a new one per epoch,
+Grain's `IndexSampler`), cut into global batches of `batch_size * shard_count` records; each
+process reads its own rows of every global batch (by default the contiguous block
+`shard_index`; `rows=` for any other layout of the batch over processes). Global batch k is
+therefore the same records in the same row order for every process count: a run's data does not
+depend on how many hosts read it. The iterator's `get_state`/`set_state` (JSON bytes from Grain)
+resume exactly at the next batch; `seek(n)` jumps to global batch n (a restore under another
+process count, whose Grain state cannot be re-split).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 from typing import Any, Sequence
 
 import grain.python as grain
@@ -147,12 +152,51 @@ def _collate(rows: Sequence[dict[str, Any]], *, buckets: tuple[int, ...], pad_id
   return out
 
 
+class GlobalBatchSampler:
+  """Grain sampler of this process's rows of seeded global batches (see the module docstring).
+
+  Grain asks for local indices j = 0, 1, ...; with `worker_count` W > 0 it hands index j to worker
+  j % W, each worker batches its own indices, and the batches come out round-robin over workers.
+  The map below inverts that, so local batch n (as the iterator yields it) always holds rows
+  `rows` of global batch n, for any W.
+  """
+
+  def __init__(self, num_records: int, *, global_batch: int, rows: Sequence[int], shuffle: bool,
+               seed: int, num_epochs: int | None, worker_count: int = 0):
+    self._base = grain.IndexSampler(num_records=num_records, shard_options=grain.NoSharding(),
+                                    shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+    self.global_batch, self.rows = int(global_batch), tuple(int(r) for r in rows)
+    self._workers = max(int(worker_count), 1)
+    self._args = (num_records, shuffle, seed, num_epochs)
+    b = len(self.rows)
+    full = None if num_epochs is None else num_epochs * num_records // self.global_batch
+    # Only whole global batches: with num_epochs, the last partial one is dropped everywhere.
+    self._len = sys.maxsize if full is None else full * b
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __repr__(self) -> str:  # Grain checks a restored state against this.
+    return (f"GlobalBatchSampler(records={self._args[0]}, global_batch={self.global_batch}, "
+            f"rows={list(self.rows)}, shuffle={self._args[1]}, seed={self._args[2]}, "
+            f"num_epochs={self._args[3]}, workers={self._workers})")
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < self._len:
+      raise IndexError(f"index {index} out of range [0, {self._len}).")
+    w, q = index % self._workers, index // self._workers
+    b = len(self.rows)
+    batch = (q // b) * self._workers + w
+    return self._base[batch * self.global_batch + self.rows[q % b]]
+
+
 class PromptIterator:
   """Iterator over `PromptBatch`es with Grain's checkpointable state."""
 
-  def __init__(self, grain_iterator):
+  def __init__(self, grain_iterator, *, batch_size: int = 0, worker_count: int = 0):
     self.grain_iterator = grain_iterator  # For Orbax: grain.PyGrainCheckpointSave(it).
     self.truncated_prompts = 0
+    self._batch_size, self._worker_count = batch_size, worker_count
 
   def __iter__(self) -> "PromptIterator":
     return self
@@ -168,6 +212,22 @@ class PromptIterator:
 
   def set_state(self, state: bytes) -> None:
     self.grain_iterator.set_state(state)
+
+  def seek(self, num_batches: int) -> None:
+    """Continues with batch `num_batches` (0-based) of the sequence, as if that many batches had
+    been read. Batch n is global batch n on every process count, so this restores the data
+    position of a checkpoint written under another process count. Rewrites the position fields
+    of Grain's DataLoader state (`last_seen_indices`, `last_worker_index`)."""
+    state = json.loads(self.grain_iterator.get_state())
+    b, w = self._batch_size, self._worker_count
+    if w == 0:
+      state["last_seen_indices"] = {"0": num_batches * b - 1}
+      state["last_worker_index"] = -1
+    else:  # Worker i has produced the batches n < num_batches with n % w == i.
+      done = [max(0, -(-(num_batches - i) // w)) for i in range(w)]
+      state["last_seen_indices"] = {str(i): i - w + done[i] * b * w for i in range(w)}
+      state["last_worker_index"] = (num_batches - 1) % w if num_batches else -1
+    self.grain_iterator.set_state(json.dumps(state).encode())
 
 
 class PromptLoader:
@@ -185,6 +245,11 @@ class PromptLoader:
     shuffle: shuffle records (a new order every epoch).
     num_epochs: passes over the data; None repeats forever.
     shard_index, shard_count: this process's slice; default jax.process_index()/count().
+      A global batch is batch_size * shard_count records; this process reads its contiguous
+      block shard_index of each.
+    rows: which rows of each global batch this process reads, in order (overrides the block
+      of shard_index); e.g. the rows this process's devices hold under the batch sharding
+      (`rpt_jax.train.process_batch_rows`). len(rows) == batch_size.
     worker_count: Grain worker processes (0: in this process). Grain batches inside each
       worker, so which records share a batch depends on worker_count: keep it fixed across a
       restart that restores iterator state.
@@ -195,7 +260,8 @@ class PromptLoader:
                template: str = "v0", prompt_buckets: Sequence[int] = (128, 256, 512),
                seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                shard_index: int | None = None, shard_count: int | None = None,
-               worker_count: int = 0, drop_remainder: bool = True):
+               rows: Sequence[int] | None = None, worker_count: int = 0,
+               drop_remainder: bool = True):
     if split not in SPLITS:
       raise ValueError(f"split {split!r} is unknown; choose one of {SPLITS}.")
     buckets = tuple(int(n) for n in prompt_buckets)
@@ -216,11 +282,17 @@ class PromptLoader:
       raise ValueError(
           f"{split!r} has {self.num_records} records, fewer than one batch of {batch_size} per "
           f"process for {shard_count} processes; lower the batch size or prepare more data.")
-    self.sampler = grain.IndexSampler(
-        num_records=self.num_records,
-        shard_options=grain.ShardOptions(shard_index=shard_index, shard_count=shard_count,
-                                         drop_remainder=True),
-        shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+    global_batch = batch_size * shard_count
+    rows = (range(shard_index * batch_size, (shard_index + 1) * batch_size) if rows is None
+            else [int(r) for r in rows])
+    if len(rows) != batch_size or len(set(rows)) != batch_size or not all(
+        0 <= r < global_batch for r in rows):
+      raise ValueError(f"rows={list(rows)} must be {batch_size} distinct rows of the global "
+                       f"batch of {global_batch} (batch_size x shard_count).")
+    self.sampler = GlobalBatchSampler(
+        self.num_records, global_batch=global_batch, rows=rows, shuffle=shuffle, seed=seed,
+        num_epochs=num_epochs, worker_count=worker_count)
+    self.batch_size, self.worker_count = batch_size, worker_count
     completion_tokens = self.manifest["identity"]["config"]["completion_tokens"]
     collate = functools.partial(
         _collate, buckets=buckets, pad_id=int(tokenizer.pad_id),
@@ -235,10 +307,12 @@ class PromptLoader:
       if not flags.FLAGS.is_parsed():  # Outside an absl app (tests, notebooks): use defaults.
         flags.FLAGS.mark_as_parsed()
     self.loader = grain.DataLoader(data_source=self.source, sampler=self.sampler,
-                                   operations=self.operations, worker_count=worker_count)
+                                   operations=self.operations, worker_count=worker_count,
+                                   shard_options=grain.NoSharding())
 
   def __iter__(self) -> PromptIterator:
-    return PromptIterator(iter(self.loader))
+    return PromptIterator(iter(self.loader), batch_size=self.batch_size,
+                          worker_count=self.worker_count)
 
 
 def make_prompt_loader(data_dir: str, split: str, tokenizer, **kwargs) -> PromptLoader:

@@ -11,17 +11,27 @@
 
 Shapes never depend on data: one compile per (micro-batch B, L, N, G, sampling method, EOS ids);
 fresh parameters every call (`params=`) reuse the compiled programs. The cache is born and dies
-inside the decode program; the while loop updates its carry in place (no per-step cache copy in
-the compiled HLO). Weights are cast to the compute dtype once, before the loop.
+inside the decode program, and the per-step scatter of the new keys/values updates the loop
+carry in place. (On CPU the model's attention still copies the cache into the [B, KVH, S, Dh]
+order XLA's batched dot wants, every step: about a third of a CPU decode step.) Weights are cast
+to the compute dtype once, before the loop.
 
 Randomness: the token drawn at step t for global row r uses fold_in(fold_in(rng, t), r) (see
 `sampling.row_uniforms`), so results do not depend on the micro-batch size or the mesh.
 
+Sharding (with a mesh): the batch over ('data', 'fsdp'), params by their logical axes under
+`rules`, the cache as ('batch', 'cache_length', 'kv_heads', 'head_dim') (kv_heads over 'tensor').
+Keep micro_batch (prefill rows) and micro_batch * G (decode rows) multiples of data * fsdp, or
+those programs run replicated over the batch axes. XLA hoists the fsdp all-gathers of the
+weights out of the decode loop: during decode each device holds params / tensor, not
+params / (fsdp * tensor). Passing the Sampler other `rules` (e.g. no 'fsdp' on 'embed') reshards
+the trainer's params once per `generate` call instead.
+
 KV-cache memory per micro-batch: 2 (k and v) * layers * B*G * (L + N) * KVH * Dh * bytes.
 R1-Distill-Qwen-14B (48 layers, 8 KV heads, Dh 128, bf16): 2 * 48 * 8 * 128 * 2 B = 192 KiB per
-token, so 64 contexts x G=8 x (4,096 + 8,192) slots = 6.3M tokens = 1.15 TiB; choose
-`micro_batch` so B*G*(L+N)*192 KiB / (data * fsdp * min(tensor, KVH)) fits beside the weights.
-With a mesh, the batch is sharded over ('data', 'fsdp') and the cache's kv_heads over 'tensor'.
+token, so ONE context with G=8 rollouts of 4,096 + 8,192 slots holds 98,304 tokens = 18 GiB, and
+256 contexts need 4.5 TiB: choose `micro_batch` so that
+micro_batch * 18 GiB / (data * fsdp * min(tensor, KVH)) fits beside the weights on each device.
 """
 
 from __future__ import annotations
@@ -113,8 +123,8 @@ class Sampler:
     chunks = math.ceil(b / mb)
     if chunks * mb != b:  # Dummy contexts: one pad token each; their rows are dropped below.
       extra = chunks * mb - b
-      tokens_BL = jnp.concatenate([tokens_BL, jnp.full((extra, l), self.pad_id, jnp.int32)])
-      lengths_B = jnp.concatenate([lengths_B, jnp.ones((extra,), jnp.int32)])
+      tokens_BL = jnp.pad(tokens_BL, ((0, extra), (0, 0)), constant_values=self.pad_id)
+      lengths_B = jnp.pad(lengths_B, (0, extra), constant_values=1)
     repeat = g if shared_prefill else 1
     prefill_rows = mb if shared_prefill else mb * g
     prefill = self._prefill_fn(prefill_rows, l)
@@ -147,7 +157,9 @@ class Sampler:
 
   def _cache_sharding(self, rows: int, length: int):
     cfg = self.config
-    shape = (rows, length, cfg.num_kv_heads, cfg.head_dim)
+    sizes = {"batch": rows, "cache_length": length, "kv_heads": cfg.num_kv_heads,
+             "head_dim": cfg.head_dim}
+    shape = tuple(sizes[axis] for axis in KVCache.LOGICAL_AXES)
     one = self._sharding(KVCache.LOGICAL_AXES, shape)
     return KVCache(k=(one,) * cfg.num_layers, v=(one,) * cfg.num_layers)
 
@@ -203,6 +215,8 @@ class Sampler:
     cfg, pad_id, rows = self.config, self.pad_id, b * repeat
     eos_E = np.asarray(eos, np.int32)
     cache_shardings = self._cache_sharding(rows, l + n)
+    batch_axis = KVCache.LOGICAL_AXES.index("batch")
+    length_axis = KVCache.LOGICAL_AXES.index("cache_length")
 
     def is_eos(tokens_R):
       if not eos:
@@ -212,8 +226,10 @@ class Sampler:
     def decode(params, logits_BV, cache, prompt_lengths_B, row_offset, rng):
       self.trace_counts["decode"] += 1
       model = nnx.merge(self.graphdef, self._compute_params(params))
-      # Row b of the prefill becomes rows b*repeat .. b*repeat+repeat-1, with N empty slots after.
-      grow = lambda x: jnp.pad(jnp.repeat(x, repeat, axis=0), ((0, 0), (0, n), (0, 0), (0, 0)))
+      # Row b of the prefill becomes rows b*repeat .. b*repeat+repeat-1, with N empty slots after
+      # (axes found by name, so the sampler follows the cache's layout).
+      grow = lambda x: jnp.pad(jnp.repeat(x, repeat, axis=batch_axis),
+                               [(0, n if i == length_axis else 0) for i in range(x.ndim)])
       cache = jax.tree.map(grow, cache)
       if self.mesh is not None:
         cache = jax.lax.with_sharding_constraint(cache, cache_shardings)

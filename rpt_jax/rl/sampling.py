@@ -3,9 +3,10 @@
 `Sampling` is a small frozen (hashable, jit-static) description of the method; `sample_tokens`
 turns one step's logits [B, V] and one uniform number per row [B] into (tokens [B], logprobs [B]).
 
-Draws use the inverse CDF: token = the first index whose cumulative probability reaches u * total.
-That needs ONE random number per row instead of V Gumbel draws, is exact in distribution, and
-can never pick a token whose probability is exactly 0 (so top-k/top-p exclusions are strict).
+Draws use the inverse CDF: token = the first index whose cumulative probability reaches u * total
+(found block by block, see `inverse_cdf`). That needs ONE random number per row instead of V
+Gumbel draws, is exact in distribution, and can never pick a token whose probability is exactly
+0 (so top-k/top-p exclusions are strict).
 
 Log-probs: `logprobs` is log softmax(logits / T) at the sampled token, the temperature-scaled
 UNTRUNCATED distribution, which is what the trainer recomputes from the same weights (so the PPO
@@ -49,23 +50,52 @@ class Sampling:
 
 
 def greedy(logits_BV: Array) -> tuple[Array, Array]:
-  """(argmax tokens [B] int32, their log-probs under softmax(logits) [B] fp32)."""
-  logits_BV = logits_BV.astype(jnp.float32)
-  tokens_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  best_B = jnp.take_along_axis(logits_BV, tokens_B[:, None], axis=-1)[:, 0]
-  return tokens_B, best_B - jax.nn.logsumexp(logits_BV, axis=-1)
+  """(argmax tokens [B] int32, their log-probs under softmax(logits) [B] fp32).
 
-
-def inverse_cdf(weights_BK: Array, u_B: Array) -> Array:
-  """Index [B] drawn with probability weights / sum(weights) (weights >= 0), u in (0, 1].
-
-  Returns the first k with cumsum[k] >= u * total; a zero-weight k never qualifies (its cumsum
-  equals its predecessor's), and u > 0 rules out choosing a zero-weight index 0.
+  Ties go to the smallest index, as jnp.argmax; written as max + compare because XLA's
+  variadic argmax reduction is ~8x slower on CPU.
   """
-  cdf_BK = jnp.cumsum(weights_BK, axis=-1)
-  target_B1 = u_B[:, None] * cdf_BK[:, -1:]  # u <= 1, so target <= total: always in range.
-  index_B = jnp.sum(cdf_BK < target_B1, axis=-1, dtype=jnp.int32)
-  return jnp.minimum(index_B, weights_BK.shape[-1] - 1)
+  logits_BV = logits_BV.astype(jnp.float32)
+  max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+  vocab = logits_BV.shape[-1]
+  tokens_B = jnp.min(jnp.where(logits_BV == max_B1, jnp.arange(vocab, dtype=jnp.int32), vocab),
+                     axis=-1)
+  log_norm_B = max_B1[:, 0] + jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1))
+  return tokens_B, max_B1[:, 0] - log_norm_B
+
+
+def _first_reaching(cdf_BK: Array, target_B: Array, positive_BK: Array) -> Array:
+  """The first k with cdf[k] >= target (target > 0), clamped to the last k of positive weight
+  (rounding can leave cdf[-1] a hair below target). A zero-weight k never qualifies: its cdf
+  equals its predecessor's."""
+  index_B = jnp.sum(cdf_BK < target_B[:, None], axis=-1, dtype=jnp.int32)
+  k = jnp.arange(cdf_BK.shape[-1], dtype=jnp.int32)
+  return jnp.minimum(index_B, jnp.max(jnp.where(positive_BK, k, 0), axis=-1))
+
+
+def inverse_cdf(weights_BK: Array, u_B: Array, block: int = 128) -> Array:
+  """Index [B] drawn with probability weights / sum(weights) (weights >= 0, some > 0), u in
+  (0, 1] (u > 0 rules out a zero-weight index 0).
+
+  Two levels, so no cumulative sum runs over the whole vocabulary (XLA's [B, V] cumsum costs
+  more than the unembedding matmul on CPU): pick the block of `block` entries whose cumulative
+  mass reaches u * total, then the entry inside that block.
+  """
+  b, k = weights_BK.shape
+  if k <= 2 * block:
+    cdf_BK = jnp.cumsum(weights_BK, axis=-1)
+    return _first_reaching(cdf_BK, u_B * cdf_BK[:, -1], weights_BK > 0)
+  blocks_BNC = jnp.pad(weights_BK, ((0, 0), (0, -k % block))).reshape(b, -1, block)
+  mass_BN = jnp.sum(blocks_BNC, axis=-1)
+  cdf_BN = jnp.cumsum(mass_BN, axis=-1)
+  target_B = u_B * cdf_BN[:, -1]  # u <= 1, so target <= total.
+  block_B = _first_reaching(cdf_BN, target_B, mass_BN > 0)
+  before_B = jnp.where(block_B > 0, jnp.take_along_axis(
+      cdf_BN, jnp.maximum(block_B - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+  inner_BC = jnp.take_along_axis(blocks_BNC, block_B[:, None, None], axis=1)[:, 0]
+  # before < target (block_B is the first block whose cdf reaches it), so the rest is > 0.
+  inner_B = _first_reaching(jnp.cumsum(inner_BC, axis=-1), target_B - before_B, inner_BC > 0)
+  return block_B * block + inner_B
 
 
 def _nucleus_weights(sorted_probs_BK: Array, top_p: float) -> Array:

@@ -248,6 +248,14 @@ def _prompt_ids(record: PositionRecord, tokenizer, template: str, max_len: int
   return ids, truncated
 
 
+def _host(x) -> np.ndarray:
+  """The whole value of a (possibly multi-process, batch-sharded) array on every process."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def reasoning_accuracy(sampler, tokenizer, positions: Sequence[PositionRecord], *,
                        num_samples: int = 1, temperature: float, max_new_tokens: int,
                        template: str = "v0", reward: str = "prefix_match", rng: jax.Array,
@@ -289,7 +297,7 @@ def reasoning_accuracy(sampler, tokenizer, positions: Sequence[PositionRecord], 
                            max_new_tokens=max_new_tokens, temperature=temperature,
                            eos_ids=stop_ids, rng=jax.random.fold_in(rng, b), params=params,
                            micro_batch=micro_batch)
-    out_tokens, out_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    out_tokens, out_lengths = _host(out.tokens), _host(out.lengths)
     texts, lens, completions, bounds = [], [], [], []
     for j, i in enumerate(rows):
       for g in range(num_samples):

@@ -26,6 +26,7 @@ from rpt_jax.data.sources import iter_documents
 from rpt_jax.metrics import MetricsWriter
 from rpt_jax.model import hf_io
 from rpt_jax.rl.sampler import Sampler
+from rpt_jax import train as train_lib
 from rpt_jax.train import RPTConfig, RPTTrainer
 
 
@@ -132,8 +133,10 @@ class Run:
 
   def train_loader(self) -> PromptLoader:
     c = self.config
-    local_batch = c.rl.batch_contexts // jax.process_count()
-    return PromptLoader(self.records_dir, "train", self.tokenizer, batch_size=local_batch,
+    # The rows of each global batch this process's devices hold (any mesh device order).
+    rows = train_lib.process_batch_rows(self.mesh, self.rules, c.rl.batch_contexts)
+    return PromptLoader(self.records_dir, "train", self.tokenizer, batch_size=len(rows),
+                        shard_count=c.rl.batch_contexts // len(rows), rows=rows,
                         template=c.data.template, prompt_buckets=tuple(c.data.prompt_buckets),
                         seed=c.seed, shuffle=True, num_epochs=None,
                         worker_count=c.data.worker_count)

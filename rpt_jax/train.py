@@ -6,11 +6,22 @@ One step (PAPER.md, Section 3.3):
   reward    each process decodes and scores only its own rows (prefix-matching reward on bytes)
   advantage group-normalised advantages; from `dynamic_sampling_from_step` on, groups whose G
             rewards are all equal are dropped and the batch is refilled from further contexts
+            (the choice is made on the GLOBAL rewards, the same on every process, and the kept
+            groups are gathered on device, so it is the choice a single process would make)
   train     one jitted, sharded parameter update (gradient accumulation over micro-batches)
   checkpoint every `checkpoint_every` steps, on SIGTERM/preemption, and at the end
 
 A run is a pure function of (config, data, step): the rollout key is `fold_in(root, step)`, the
 loader state is checkpointed with the parameters, so a resumed run logs the same numbers.
+
+Several processes (multi-host): each process's loader reads the rows of every global batch that
+its devices hold under the batch sharding (`process_batch_rows`), rows go to device with
+`jax.make_array_from_process_local_data` and come back with `process_rows`; the sampler and the
+update are SPMD programs every process runs in lockstep. Everything logged is global: reward
+metrics are computed on the all-gathered rewards of all processes. Global batch n holds the same
+records for every process count, so the same config logs the same numbers on 1 or N processes
+(to fp32 reduction order) and a checkpoint restores under another process count: its Grain
+state cannot be re-split, so the loader seeks to the saved global batch count instead.
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ from rpt_jax.metrics import MetricsWriter, to_float
 from rpt_jax.rl import advantages as advantages_lib
 from rpt_jax.rl import dynamic_sampling, optim, update
 from rpt_jax.rl.loss import LossConfig
-from rpt_jax.rl.reward import score_rollouts
+from rpt_jax.rl.reward import RewardBatch, score_rollouts
 from rpt_jax.rl.sampler import Sampler
 
 
@@ -110,12 +121,42 @@ class Timer:
     return _Span()
 
 
-def _global_min(flag: bool) -> bool:
-  """True when `flag` holds on every process."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  from jax.experimental import multihost_utils
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+def process_batch_rows(mesh: Mesh, rules: mesh_lib.ShardingRules, global_batch: int
+                       ) -> list[int]:
+  """The rows of a [global_batch] batch-sharded array that this process's devices hold, in the
+  order `jax.make_array_from_process_local_data` maps local rows to (ascending). Feed the loader
+  these rows (`PromptLoader(rows=...)`) and a mesh of any device order keeps global row r the
+  same record on every process count."""
+  sharding = NamedSharding(mesh, rules.spec(("batch",)))
+  rows: set[int] = set()
+  for device, index in sharding.devices_indices_map((global_batch,)).items():
+    if device.process_index == jax.process_index():
+      rows.update(range(*index[0].indices(global_batch)))
+  return sorted(rows)
+
+
+def _group_stub(num_groups: int, group_size: int) -> update.RolloutBatch:
+  """A RolloutBatch of the right group count and tiny fields: DynamicSampler.fill on it picks
+  groups (`source`, `padded`) from rewards alone; the real rows are gathered on device."""
+  rows = num_groups * group_size
+  return update.RolloutBatch(
+      prompt_tokens=np.zeros((num_groups, 1), np.int32),
+      prompt_lengths=np.ones((num_groups,), np.int32),
+      completion_tokens=np.zeros((rows, 1), np.int32),
+      completion_mask=np.zeros((rows, 1), np.int32), advantages=np.zeros((rows,), np.float32))
+
+
+def _select_groups(candidates: list[update.RolloutBatch], contexts_B: jax.Array,
+                   rows_R: jax.Array, keep_R: jax.Array) -> update.RolloutBatch:
+  """Contexts `contexts_B` and rows `rows_R` of the candidates stacked along the batch (global
+  indices); rows with keep 0 become inert (mask and advantage 0). Runs under jit."""
+  cat = lambda name: jnp.concatenate([getattr(c, name) for c in candidates])  # noqa: E731
+  return update.RolloutBatch(
+      prompt_tokens=cat("prompt_tokens")[contexts_B],
+      prompt_lengths=cat("prompt_lengths")[contexts_B],
+      completion_tokens=cat("completion_tokens")[rows_R],
+      completion_mask=cat("completion_mask")[rows_R] * keep_R[:, None].astype(jnp.int32),
+      advantages=cat("advantages")[rows_R] * keep_R)
 
 
 def _pad_prompts(batch: update.RolloutBatch, width: int, pad_id: int) -> update.RolloutBatch:
@@ -169,6 +210,8 @@ class RPTTrainer:
         batch_contexts=1, group_size=self.G, from_step=config.dynamic_sampling_from_step,
         max_tries=max(config.dynamic_sampling_max_tries, 1))
     self.step = 0
+    self.data_batches = 0  # Loader batches read so far: the data position in any layout.
+    self._select = jax.jit(_select_groups, out_shardings=self.batch_sharding)
 
   # -- state ---------------------------------------------------------------------------------------
 
@@ -179,10 +222,16 @@ class RPTTrainer:
     restored = self.checkpointer.restore_latest(abstract)
     if restored is None:
       return False
-    step, self.state, data_state, _ = restored
+    step, self.state, data_state, extra = restored
     self.step = int(step)
+    self.data_batches = int((extra or {}).get("data_batches", 0))
     if data_state is not None:
       data_iterator.set_state(data_state)
+    elif "data_batches" in (extra or {}) and hasattr(data_iterator, "seek"):
+      # Written under another process count: batch n is global batch n in every layout.
+      data_iterator.seek(self.data_batches)
+      logging.info("Checkpoint %d is from another process layout: the loader continues at "
+                   "global batch %d.", step, self.data_batches)
     else:
       logging.warning("Checkpoint %d has no loader state for this process layout; the data "
                       "order restarts.", step)
@@ -191,7 +240,8 @@ class RPTTrainer:
 
   def save(self, data_iterator, *, force: bool = False) -> None:
     self.checkpointer.save(self.step, self.state, data_state=data_iterator.get_state(),
-                           extra={"step": self.step}, force=force)
+                           extra={"step": self.step, "data_batches": self.data_batches},
+                           force=force)
 
   def params(self):
     return self.state.params
@@ -200,6 +250,40 @@ class RPTTrainer:
 
   def _to_global(self, local: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local))
+
+  def _all_rows(self, local: np.ndarray) -> np.ndarray:
+    """Every process's rows of a per-process row array, in global row order, on every process."""
+    if jax.process_count() == 1:
+      return np.asarray(local)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(self._to_global(local), tiled=True))
+
+  def _global_width(self, batch: PromptBatch) -> PromptBatch:
+    """Pads this process's prompts to the widest bucket of any process: the global array needs
+    one width, and it is then the bucket a single process would pick for the whole batch."""
+    if jax.process_count() == 1:
+      return batch
+    from jax.experimental import multihost_utils
+    width = int(np.max(multihost_utils.process_allgather(np.int32(batch.prompt_tokens.shape[1]))))
+    extra = width - batch.prompt_tokens.shape[1]
+    if extra == 0:
+      return batch
+    return dataclasses.replace(batch, prompt_tokens=np.pad(
+        batch.prompt_tokens, ((0, 0), (0, extra)), constant_values=self.tokenizer.pad_id))
+
+  def global_scores(self, scored: RewardBatch) -> RewardBatch:
+    """The rewards of ALL processes' rows (global row order): what metrics and dynamic sampling
+    read, so they equal a single process's. One all-gather of [rows, 4] fp32 (exact: rewards
+    are fp32, the rest small integers)."""
+    lengths = (np.zeros_like(scored.rewards) if scored.response_lengths is None
+               else scored.response_lengths)
+    both = self._all_rows(np.stack([scored.rewards, scored.has_prediction, scored.correct,
+                                    lengths], axis=1).astype(np.float32))
+    return RewardBatch(rewards=both[:, 0], has_prediction=both[:, 1] > 0,
+                       correct=both[:, 2] > 0,
+                       response_lengths=(None if scored.response_lengths is None
+                                         else both[:, 3].astype(np.int32)),
+                       predictions=())
 
   def rollout(self, batch: PromptBatch, step: int, attempt: int):
     cfg = self.config
@@ -223,9 +307,11 @@ class RPTTrainer:
                           response_lengths=lengths)
 
   def candidate(self, data_iterator, step: int, attempt: int, timer: Timer):
-    """One candidate rollout batch (this process's rows, numpy) and its scored rewards."""
+    """One candidate rollout batch (this process's rows, numpy) and the scored rewards of all
+    processes' rows (global order)."""
     with timer.phase("data"):
-      batch = next(data_iterator)
+      batch = self._global_width(next(data_iterator))
+      self.data_batches += 1
     with timer.phase("rollout"):
       tokens, lengths, done = self.rollout(batch, step, attempt)
     with timer.phase("reward"):
@@ -237,34 +323,56 @@ class RPTTrainer:
           prompt_tokens=batch.prompt_tokens, prompt_lengths=batch.prompt_lengths,
           completion_tokens=tokens, completion_mask=mask.astype(np.int32),
           advantages=np.asarray(advantages, np.float32))
+      scored = self.global_scores(scored)
     return rollouts, scored
 
   def gather_candidates(self, data_iterator, step: int, timer: Timer):
     """Candidates for dynamic sampling, generated in lockstep on every process (the sampler is
-    one SPMD program): more are drawn while ANY process lacks groups with reward spread."""
+    one SPMD program): more are drawn until the GLOBAL batch has enough groups with reward
+    spread (every process sees the same global rewards, so all stop together).
+
+    Returns [(this process's rollouts, global RewardBatch)] with prompts padded to one width.
+    """
     cfg = self.config
     active = self.dynamic.active(step)
-    candidates, first_scored = [], None
+    candidates = []
     for attempt in range(cfg.dynamic_sampling_max_tries if active else 1):
       rollouts, scored = self.candidate(data_iterator, step, attempt, timer)
-      first_scored = first_scored or scored
-      candidates.append((rollouts, scored.rewards))
+      candidates.append((rollouts, scored))
       if not active:
         break
-      kept = sum(int(dynamic_sampling.groups_with_spread(r, self.G).sum()) for _, r in candidates)
-      if _global_min(kept >= len(candidates[0][0].prompt_lengths)):
+      kept = sum(int(dynamic_sampling.groups_with_spread(s.rewards, self.G).sum())
+                 for _, s in candidates)
+      if kept >= len(candidates[0][1].rewards) // self.G:
         break
-    width = max(c.prompt_tokens.shape[1] for c, _ in candidates)
-    candidates = [(_pad_prompts(c, width, self.tokenizer.pad_id), r) for c, r in candidates]
-    return candidates, first_scored
+    width = max(c.prompt_tokens.shape[1] for c, _ in candidates)  # Candidates' buckets differ.
+    return [(_pad_prompts(c, width, self.tokenizer.pad_id), s) for c, s in candidates]
+
+  def assemble(self, candidates, step: int):
+    """(global train batch, FillResult): dynamic sampling's choice on the global rewards, the
+    chosen groups gathered from the candidates on device (rows may move between processes)."""
+    b = len(candidates[0][1].rewards) // self.G
+    fill = dataclasses.replace(self.dynamic, batch_contexts=b).fill(
+        [(_group_stub(b, self.G), s.rewards) for _, s in candidates], step)
+    first = candidates[0][0]
+    if np.array_equal(fill.source, np.stack([np.zeros(b), np.arange(b)], 1)) and not (
+        fill.padded.any()):
+      return jax.tree.map(self._to_global, first), fill  # The first candidate as it is.
+    contexts_B = fill.source[:, 0] * b + fill.source[:, 1]
+    rows_R = (contexts_B[:, None] * self.G + np.arange(self.G)[None, :]).reshape(-1)
+    keep_R = np.repeat(~fill.padded, self.G).astype(np.float32)
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    index = jax.device_put((contexts_B.astype(np.int32), rows_R.astype(np.int32), keep_R),
+                           replicated)  # The same values on every process.
+    stacked = [jax.tree.map(self._to_global, c) for c, _ in candidates]
+    return self._select(stacked, *index), fill
 
   def run_step(self, data_iterator: Iterator[PromptBatch], writer: MetricsWriter | None) -> dict:
     cfg, step, timer = self.config, self.step, Timer()
-    candidates, scored = self.gather_candidates(data_iterator, step, timer)
-    local_contexts = candidates[0][0].prompt_lengths.shape[0]
-    fill = dataclasses.replace(self.dynamic, batch_contexts=local_contexts).fill(candidates, step)
+    candidates = self.gather_candidates(data_iterator, step, timer)
+    scored = candidates[0][1]
     with timer.phase("train"):
-      rollouts = jax.tree.map(self._to_global, fill.batch)
+      rollouts, fill = self.assemble(candidates, step)
       self.state, train_metrics = self.train_step(self.state, rollouts)
       train_metrics = jax.device_get(train_metrics)
     self.step += 1

@@ -46,7 +46,7 @@ def get_config():
   c.data.score_batch_size = 32
   c.data.prompt_buckets = (128, 192)
 
-  c.pretrain.update(steps=400, batch_size=32, seq_len=192, learning_rate=2e-3, warmup_steps=40,
+  c.pretrain.update(steps=200, batch_size=16, seq_len=192, learning_rate=3e-3, warmup_steps=20,
                     reasoning_example_fraction=0.5, max_context_tokens=48, log_every=20)
 
   c.rl.batch_contexts = 16
@@ -58,8 +58,8 @@ def get_config():
   c.rl.dynamic_sampling_from_step = 0
   c.rl.dynamic_sampling_max_tries = 3
 
-  c.optim.update(learning_rate=1e-4, warmup_steps=5, weight_decay=0.0)
-  c.train.update(steps=60, log_every=1, checkpoint_every=20, keep_checkpoints=2)
+  c.optim.update(learning_rate=2e-4, warmup_steps=5, weight_decay=0.0)
+  c.train.update(steps=80, log_every=1, checkpoint_every=20, keep_checkpoints=2)
   c.eval.update(max_positions=400, num_samples=1, pass_k=(1,), temperature=0.8,
                 batch_contexts=64)
   return c

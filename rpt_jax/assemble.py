@@ -93,10 +93,15 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict,
 
 def scratch_model_config(config: ml_collections.ConfigDict,
                          tokenizer: tokenizer_lib.Tokenizer) -> ModelConfig:
-  """The from-scratch architecture; vocab 0 means 'the tokenizer's size'."""
+  """The from-scratch architecture; vocab 0 means 'the tokenizer's size'.
+
+  A scratch Qwen2 has q/k/v biases as every Qwen2 does (unless `model.scratch.attention_bias`
+  says otherwise), so that `--mode=export` writes a checkpoint `transformers` can load.
+  """
   fields: dict[str, Any] = config.model.scratch.to_dict()
   if not fields.get("vocab_size"):
     fields["vocab_size"] = tokenizer.vocab_size
+  fields.setdefault("attention_bias", fields.get("family") == "qwen2")
   return ModelConfig(
       **fields, param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
       remat=config.model.remat, eos_token_ids=tuple(tokenizer.stop_ids),

@@ -108,6 +108,14 @@ def scratch_model_config(config: ml_collections.ConfigDict,
       pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id)
 
 
+def policy_config(config: ml_collections.ConfigDict,
+                  tokenizer: tokenizer_lib.Tokenizer) -> ModelConfig:
+  """The policy's architecture without building it: `model.hf_path`'s config.json, or scratch."""
+  if config.model.hf_path:
+    return ModelConfig.from_hf(config.model.hf_path)
+  return scratch_model_config(config, tokenizer)
+
+
 def build_policy(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
                  mesh: jax.sharding.Mesh | None,
                  rules: mesh_lib.ShardingRules | None) -> tuple[Transformer, ModelConfig]:

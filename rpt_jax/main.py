@@ -56,7 +56,13 @@ def main(argv) -> None:
   if not workdir:
     raise app.UsageError("--workdir is required (or set the config's `workdir`).")
   initialize_distributed(config)
-  mode = _MODE.value
+  try:
+    _run(config, workdir, _MODE.value)
+  except validate.ConfigError as e:  # One line naming the field and the fix, no traceback.
+    sys.exit(f"rpt_jax: config error: {e}")
+
+
+def _run(config, workdir: str, mode: str) -> None:
   validate.validate_config(config, mode=mode, num_devices=jax.device_count(),
                            num_processes=jax.process_count())
   from rpt_jax import pipeline  # After validation: imports the heavy machinery.

@@ -57,9 +57,11 @@ class Run:
   def model(self):
     """The policy: HF weights or a random init, then the pretrained params if the workdir has
     them (the RPT checkpoints, newer still, are restored by the trainer)."""
+    # Checked on the config alone, before the initialiser compiles or weights load.
+    validate.validate_against_model(
+        self.config, assemble.policy_config(self.config, self.tokenizer).max_position_embeddings)
     model, model_config = assemble.build_policy(self.config, self.tokenizer, self.mesh,
                                                 self.rules)
-    validate.validate_against_model(self.config, model_config.max_position_embeddings)
     self.model_config = model_config
     ckpt = self._pretrain_checkpointer()
     if ckpt.latest_step() is not None:
@@ -95,13 +97,14 @@ class Run:
 
   def pretrain(self) -> dict | None:
     c = self.config.pretrain
+    # First: loads the pretrained params when present, and checks the config against the model
+    # before anything else is opened (an open Checkpointer would outlive a ConfigError).
+    model = self.model
     ckpt = self._pretrain_checkpointer()
     done = ckpt.latest_step() is not None
     if done or c.steps <= 0:
       ckpt.close()
-      _ = self.model  # Loads the pretrained params when present.
       return None
-    model = self.model
     writer = MetricsWriter(self.workdir, mode="pretrain", resume_step=0)
     config = pretrain_lib.PretrainConfig(
         steps=c.steps, batch_size=c.batch_size, seq_len=c.seq_len, learning_rate=c.learning_rate,

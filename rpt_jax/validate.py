@@ -69,15 +69,28 @@ def validate_config(config: ml_collections.ConfigDict, *, mode: str, num_devices
   _require(rl.advantage in advantages.ADVANTAGE_ESTIMATORS,
            f"rl.advantage={rl.advantage!r} is unknown; choose one of "
            f"{sorted(advantages.ADVANTAGE_ESTIMATORS)}.")
+  for field, check in (("rl.reward", lambda: reward.get_reward(rl.reward)),
+                       ("data.template", lambda: prompts.get_template(data.template)),
+                       ("data.filter", lambda: filtering.get_filter(data.filter))):
+    try:
+      check()
+    except ValueError as e:
+      raise ConfigError(f"{field}: {e}") from e
   try:
-    reward.get_reward(rl.reward)
-    prompts.get_template(data.template)
-    filtering.get_filter(data.filter)
     loss.LossConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, aggregation=rl.aggregation,
                     beta=rl.beta, kl_estimator=rl.kl_estimator, entropy_coef=rl.entropy_coef,
                     max_response_length=rl.max_new_tokens)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
+  except ValueError as e:  # Its fields are the config's rl.* fields of the same names.
+    raise ConfigError(str(e).replace("LossConfig.", "rl.")) from e
+  if mode in ("all", "train"):
+    # The loop scores rollouts on the host without the policy's first-token probabilities and
+    # builds no reference-policy log-probs: say so now rather than after compiling step 0.
+    _require(not reward.get_reward(rl.reward).needs_first_token_prob,
+             f"rl.reward={rl.reward!r} needs the policy's probability of the true first token, "
+             "which the RPT loop does not compute; use 'prefix_match' or 'first_token'.")
+    _require(rl.beta == 0,
+             f"rl.beta={rl.beta}: a KL penalty needs reference-policy log-probs, which the RPT "
+             "loop does not compute; use rl.beta=0 (as the paper does).")
   buckets = tuple(data.prompt_buckets)
   _require(len(buckets) > 0 and all(b > a for a, b in zip(buckets, buckets[1:])),
            f"data.prompt_buckets={buckets} must be increasing lengths.")
@@ -92,6 +105,10 @@ def validate_config(config: ml_collections.ConfigDict, *, mode: str, num_devices
     _require(os.path.exists(config.tokenizer.path),
              f"tokenizer.path={config.tokenizer.path!r} does not exist; give a SentencePiece "
              ".model file or an HF tokenizer folder, or leave it empty.")
+  if data.proxy_hf_path and not data.proxy_hf_path.startswith("gs://"):
+    _require(os.path.isdir(data.proxy_hf_path),
+             f"data.proxy_hf_path={data.proxy_hf_path!r} is not a directory; point it at a "
+             "Hugging Face checkpoint folder, or leave it empty to score with the policy.")
   src = data.source
   if src.kind in ("text", "jsonl", "parquet"):
     _require(bool(src.path) and os.path.exists(src.path),

@@ -293,7 +293,9 @@ class RPTTrainer:
         num_samples=self.G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=tuple(self.tokenizer.stop_ids), rng=key,
         params=self.state.params, micro_batch=cfg.rollout_micro_batch)
-    return process_rows(out.tokens), process_rows(out.lengths), process_rows(out.done)
+    # Batch-sharded again (micro-batch outputs are concatenated) so each process reads its rows.
+    rows = jax.device_put((out.tokens, out.lengths, out.done), self.batch_sharding)
+    return tuple(process_rows(x) for x in rows)
 
   def score(self, batch: PromptBatch, tokens: np.ndarray, lengths: np.ndarray,
             done: np.ndarray):

@@ -132,6 +132,9 @@ class Sampler:
     outs = []
     for i in range(chunks):
       tok, lens = tokens_BL[i * mb:(i + 1) * mb], lengths_B[i * mb:(i + 1) * mb]
+      if self.mesh is not None and chunks > 1:  # A slice of a sharded array is not batch-sharded.
+        tok = jax.device_put(tok, self._sharding(("batch", "length"), tok.shape))
+        lens = jax.device_put(lens, self._sharding(("batch",), lens.shape))
       if not shared_prefill:
         tok, lens = jnp.repeat(tok, g, axis=0), jnp.repeat(lens, g, axis=0)
       logits_BV, cache = prefill(params, tok, lens)

@@ -90,12 +90,13 @@ class ProcessJsonHandler(ocp.CheckpointHandler):
       return json.loads(path.read_text())
     saved = sorted(p.name for p in directory.glob("process_*-of-*.json"))
     if saved and not any(name.endswith(f"-of-{count}.json") for name in saved):
-      # Saved by a different number of processes: a Grain state cannot be re-split, so the data
-      # iterator has to start afresh. The train state still restores.
-      log.warning(
-          "Data-iterator state in %s was saved by a different number of processes (%s); this "
-          "run has %d. The data iterator will restart from its initial state.",
-          directory, saved, count)
+      # Saved by a different number of processes: a Grain state cannot be re-split, so no data
+      # state is returned (rpt_jax.train seeks its loader to the saved global batch count
+      # instead). The train state still restores.
+      if json.loads((directory / saved[0]).read_text()) != _encode_data_state(None):
+        log.warning(
+            "Data-iterator state in %s was saved by a different number of processes (%s); this "
+            "run has %d. No loader state is restored.", directory, saved, count)
       return _encode_data_state(None)
     raise FileNotFoundError(f"{path} is missing: this process's data-iterator state was not saved.")
 

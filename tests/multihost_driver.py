@@ -1,0 +1,147 @@
+r"""One process of a multi-host CPU run of the real stages, for tests/test_multihost.py.
+
+    python tests/multihost_driver.py --workdir=W --stages=pretrain,prepare,train,eval \
+        --num_processes=2 --process_id=0 --port=PORT --local_devices=2 --out=result.json
+
+Starts JAX with `--local_devices` simulated CPU devices, joins `--num_processes` processes through
+`jax.distributed.initialize` (gloo CPU collectives) when more than one, builds the MICRO config
+below (configs/local.py, shrunk to seconds) and runs `rpt_jax.pipeline.Run` stages in order. Each
+process writes `--out` (JSON): its process index/count, the metrics rows of metrics.jsonl (process
+0 only writes that file) and the eval report. Not a test itself (pytest collects test_*.py only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+
+def micro_config(train_steps: int, dynamic_from: int):
+  """configs/local.py shrunk: 200 docs, 512 pieces, a 2-layer width-32 policy, 8 contexts x G=2."""
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import local
+
+  c = local.get_config()
+  c.model.scratch.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                         num_kv_heads=1, head_dim=16, max_position_embeddings=256)
+  c.tokenizer.train_vocab_size = 512  # 384 pieces spell the v0 template in ~180 tokens
+  c.data.source.synthetic_documents = 200
+  c.data.max_positions_per_document = 4
+  c.data.max_prompt_tokens = 32
+  c.data.prompt_buckets = (128,)
+  c.data.score_seq_len = 128
+  c.data.score_overlap = 32
+  c.data.score_batch_size = 8
+  c.data.eval_fraction = 0.1
+  c.pretrain.update(steps=300, batch_size=8, seq_len=160, max_context_tokens=32, learning_rate=3e-3, warmup_steps=4,
+                    thought="", log_every=100)
+  c.rl.update(batch_contexts=8, num_generations=2, max_new_tokens=12, rollout_micro_batch=4,
+              train_micro_batch=4, dynamic_sampling_from_step=dynamic_from,
+              dynamic_sampling_max_tries=2)
+  c.rl.reward = "format_or_match"  # registered in main()
+  c.optim.update(learning_rate=3e-4, warmup_steps=0)
+  c.train.update(steps=train_steps, log_every=1, checkpoint_every=2, keep_checkpoints=10)
+  c.eval.update(max_positions=8, num_samples=2, pass_k=(1, 2), batch_contexts=4)
+  return c
+
+
+def _snapshot(workdir: str, dest: str) -> None:
+  import shutil
+
+  import jax
+  from jax.experimental import multihost_utils
+
+  multihost_utils.sync_global_devices("snapshot:before")  # Every process's writes are done.
+  if jax.process_index() == 0:
+    shutil.copytree(workdir, dest)
+  multihost_utils.sync_global_devices("snapshot:after")
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--stages", default="pretrain,prepare,train,eval",
+                 help="comma list of pretrain, prepare, reprepare, train, eval")
+  p.add_argument("--num_processes", type=int, default=1)
+  p.add_argument("--process_id", type=int, default=0)
+  p.add_argument("--port", type=int, default=0)
+  p.add_argument("--local_devices", type=int, default=4)
+  p.add_argument("--train_steps", type=int, default=4)
+  p.add_argument("--dynamic_from", type=int, default=0)
+  p.add_argument("--out", required=True)
+  p.add_argument("--snapshot", default="",
+                 help="STAGE:DIR copies the workdir to DIR after STAGE (process 0)")
+  args = p.parse_args()
+
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  import jax
+
+  jax.config.update("jax_default_matmul_precision", "highest")
+  config = micro_config(args.train_steps, args.dynamic_from)
+  if args.num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    config.distributed.update(coordinator_address=f"127.0.0.1:{args.port}",
+                              num_processes=args.num_processes, process_id=args.process_id)
+  from rpt_jax import main as main_lib
+  from rpt_jax import validate
+  from rpt_jax.rl import reward
+
+  # Rewards with spread from a barely trained policy: 1 for the right next token, 0.5 for an
+  # answer in the right format, else 0 (the plumbing under test does not care what is scored).
+  def format_or_match(p, completion, boundaries, prob):
+    hit = reward.REWARDS["prefix_match"].fn(p, completion, boundaries, prob)[1]
+    return (1.0 if hit else 0.5 if p else 0.0), hit
+
+  reward.register_reward("format_or_match", format_or_match, overwrite=True)
+
+  if args.num_processes > 1:
+    # A loaded test machine can starve a process of CPU for minutes while the other compiles;
+    # the default 100 s heartbeat timeout would then kill a healthy run.
+    jax.distributed.initialize = functools.partial(jax.distributed.initialize,
+                                                   heartbeat_timeout_seconds=900)
+  main_lib.initialize_distributed(config)  # The real start-up path (rpt_jax.main).
+  assert jax.process_count() == args.num_processes, jax.process_count()
+  validate.validate_config(config, mode="all", num_devices=jax.device_count(),
+                           num_processes=jax.process_count())
+  from rpt_jax import pipeline
+  from rpt_jax.metrics import read_metrics
+
+  from rpt_jax.train import process_batch_rows
+
+  run = pipeline.Run(config, args.workdir, progress=False)
+  result = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+            "devices": jax.device_count(), "seconds": {},
+            "batch_rows": process_batch_rows(run.mesh, run.rules, config.rl.batch_contexts)}
+  for stage in args.stages.split(","):
+    t0 = time.perf_counter()
+    if stage == "pretrain":
+      run.pretrain()
+    elif stage == "prepare":
+      result["records"] = run.prepare()["records"]
+    elif stage == "reprepare":  # prepare again, into <workdir>/records_again
+      records_dir, run.records_dir = run.records_dir, os.path.join(args.workdir, "records_again")
+      result["records_again"] = run.prepare()["records"]
+      run.records_dir = records_dir
+    elif stage == "train":
+      run.train()
+    elif stage == "eval":
+      result["eval"] = run.evaluate("driver")
+    else:
+      raise ValueError(f"unknown stage {stage!r}")
+    result["seconds"][stage] = time.perf_counter() - t0
+    if args.snapshot.startswith(stage + ":"):
+      _snapshot(args.workdir, args.snapshot.split(":", 1)[1])
+  result["metrics"] = read_metrics(args.workdir)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1, default=str)
+  jax.distributed.shutdown() if args.num_processes > 1 else None
+
+
+if __name__ == "__main__":
+  main()

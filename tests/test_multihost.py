@@ -1,0 +1,298 @@
+"""Multi-host correctness on one machine: 2 JAX processes x 2 CPU devices vs 1 process x 4.
+
+SLOW (about 3-4 minutes on 2 idle cores, most of it compiling in 5 child processes). The same
+global batch (8 contexts x G=2) runs through the real stages (`rpt_jax.pipeline.Run`, driven by
+tests/multihost_driver.py) on both layouts:
+
+  one    1 process: tokenizer, pretrain, prepare (snapshot), RPT train 4 steps, eval
+  two    2 processes (gloo collectives) on the snapshot without its tokenizer: process 0 trains
+         the tokenizer again, prepare finds the records (and prepares a second copy), train, eval
+  back   1 process, resumed from `two`'s step-2 checkpoint (written by 2 processes)
+  across 2 processes, resumed from `one`'s step-2 checkpoint (written by 1 process)
+
+and the logged numbers must agree: rewards, dynamic-sampling counts and token counts exactly (they
+come from identical sampled tokens), losses/entropies/gradient norms to fp32 reduction order
+(`TOL`; observed differences are ~1e-7 relative), the eval report exactly. Dynamic sampling is on
+from step 0 and the reward gives partial credit for the answer format, so groups are dropped,
+refilled from a second candidate batch and padded: the metrics are not trivially zero. The
+reference is the single-process run, not the code under test on the same layout.
+
+The loader tests at the top are fast and in-process: global batches are the same records in the
+same rows whatever the process count, the worker count or the row assignment, and `seek` lands
+where a loader that read that many batches is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from rpt_jax.data import records, synthetic
+from rpt_jax.data.pipeline import PromptLoader
+from rpt_jax.data.prepare import prepare
+from rpt_jax.data.sources import SourceConfig
+from rpt_jax.tokenizer import train_sentencepiece
+from tests.data.conftest import tiny_proxy
+from tests.data.test_prepare import small_config
+
+DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_driver.py")
+TOL = dict(rtol=1e-5, atol=1e-6)  # fp32 sums in another order (gloo vs in-process reductions)
+TIMEOUT_S = 900  # per launch; a hung collective must fail the test, not the suite
+STEPS = 4  # train steps; checkpoints every 2
+
+
+# ---- the loader's global batches (fast, in-process) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loader_data(tmp_path_factory):
+  docs = synthetic.synthetic_documents(synthetic.SyntheticConfig(num_documents=300, seed=99))
+  tokenizer = train_sentencepiece(docs, 400, str(tmp_path_factory.mktemp("sp") / "tok.model"))
+  out = str(tmp_path_factory.mktemp("mh_loader") / "d")
+  # 26 documents x 5 positions = 130 records: 16 global batches of 8 and a remainder.
+  cfg = small_config(source=SourceConfig(synthetic=synthetic.SyntheticConfig(num_documents=26)),
+                     filter="all", max_positions_per_document=5, eval_fraction=0.0)
+  prepare(cfg, tokenizer, tiny_proxy(tokenizer.vocab_size), out, show_progress=False)
+  return out, tokenizer
+
+
+def _keys(batch):
+  return list(zip(batch.doc_id.tolist(), batch.position.tolist()))
+
+
+def _batches(data, n, **kw):
+  out, tokenizer = data
+  kw = {"batch_size": 8, "prompt_buckets": (384, 512), "seed": 5, "shard_index": 0,
+        "shard_count": 1, **kw}
+  it = iter(PromptLoader(out, "train", tokenizer, **kw))
+  return [_keys(next(it)) for _ in range(n)]
+
+
+def test_global_batches_do_not_depend_on_the_process_layout(loader_data):
+  n = 20  # past the first epoch (16 global batches)
+  one = _batches(loader_data, n)
+  assert len({k for b in one[:16] for k in b}) == 128  # one epoch: no record twice
+  blocks = [_batches(loader_data, n, batch_size=2, shard_index=i, shard_count=4)
+            for i in range(4)]
+  strided = [_batches(loader_data, n, batch_size=4, shard_count=2, rows=rows)
+             for rows in ([0, 2, 4, 6], [1, 3, 5, 7])]
+  for k in range(n):
+    assert sum((blocks[i][k] for i in range(4)), []) == one[k]
+    assert strided[0][k] == one[k][0::2] and strided[1][k] == one[k][1::2]
+
+
+def test_seek_and_grain_workers_keep_the_global_batches(loader_data):
+  out, tokenizer = loader_data
+  one = _batches(loader_data, 12)
+
+  def half(workers, seek=None):
+    it = iter(PromptLoader(out, "train", tokenizer, batch_size=4, prompt_buckets=(384, 512),
+                           seed=5, shard_index=1, shard_count=2, worker_count=workers))
+    if seek is not None:
+      it.seek(seek)
+    return it
+
+  for workers in (0, 2):  # Grain batches inside each worker process; the sampler undoes it
+    it = half(workers)
+    assert [_keys(next(it)) for _ in range(5)] == [b[4:] for b in one[:5]]
+    resumed = half(workers)
+    resumed.set_state(it.get_state())
+    assert _keys(next(resumed)) == one[5][4:]
+    # A checkpoint of another layout: the 7th global batch, read as this layout's half.
+    assert _keys(next(half(workers, seek=7))) == one[7][4:]
+  full = iter(PromptLoader(out, "train", tokenizer, batch_size=8, prompt_buckets=(384, 512),
+                           seed=5, shard_index=0, shard_count=1))
+  full.seek(9)
+  assert _keys(next(full)) == one[9]
+
+
+def test_rows_must_fit_the_global_batch(loader_data):
+  out, tokenizer = loader_data
+  with pytest.raises(ValueError, match="distinct rows of the global batch of 8"):
+    PromptLoader(out, "train", tokenizer, batch_size=4, shard_count=2, rows=[0, 1, 2, 8])
+
+
+# ---- 2 processes x 2 devices vs 1 process x 4 devices (slow: child processes) -------------------
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class _Launch:
+  """`num_processes` driver processes on `workdir` (started at construction)."""
+
+  def __init__(self, name: str, workdir: str, stages: str, num_processes: int, logs: str,
+               cache: str, extra: tuple[str, ...] = ()):
+    self.name, self.procs, self.outs, self.logs = name, [], [], []
+    port = _free_port()
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.pop("XLA_FLAGS", None)  # The driver sets its own device count.
+    for i in range(num_processes):
+      out = os.path.join(logs, f"{name}_{i}.json")
+      log = os.path.join(logs, f"{name}_{i}.log")
+      cmd = [sys.executable, DRIVER, f"--workdir={workdir}", f"--stages={stages}",
+             f"--num_processes={num_processes}", f"--process_id={i}", f"--port={port}",
+             f"--local_devices={4 // num_processes}", f"--train_steps={STEPS}", f"--out={out}",
+             *extra]
+      with open(log, "w") as f:
+        self.procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                           cwd=os.path.dirname(os.path.dirname(DRIVER))))
+      self.outs.append(out)
+      self.logs.append(log)
+    self.start = time.perf_counter()
+
+  def _tails(self) -> str:
+    text = []
+    for i, log in enumerate(self.logs):
+      with open(log, errors="replace") as f:
+        lines = [l for l in f.read().splitlines() if not l.startswith(("W0", "I0", "[Gloo]"))]
+      text.append(f"---- {self.name} process {i} (exit {self.procs[i].returncode}), last lines "
+                  f"of {log}:\n" + "\n".join(lines[-40:]))
+    return "\n".join(text)
+
+  def results(self) -> list[dict]:
+    deadline = self.start + TIMEOUT_S
+    for proc in self.procs:
+      try:
+        proc.wait(timeout=max(deadline - time.perf_counter(), 1))
+      except subprocess.TimeoutExpired:
+        for p in self.procs:  # Only the processes this launch started.
+          if p.poll() is None:
+            p.kill()
+            p.wait()
+        pytest.fail(f"{self.name}: no result after {TIMEOUT_S} s (a hung collective?)\n"
+                    + self._tails())
+    if any(p.returncode != 0 for p in self.procs):
+      pytest.fail(f"{self.name} failed\n" + self._tails())
+    out = []
+    for path in self.outs:
+      with open(path) as f:
+        out.append(json.load(f))
+    out[0]["wall_s"] = time.perf_counter() - self.start
+    return out
+
+
+def _copy(src: str, dst: str, *, drop: tuple[str, ...] = ()) -> str:
+  shutil.copytree(src, dst)
+  for name in drop:
+    shutil.rmtree(os.path.join(dst, name))
+  return dst
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  tmp = str(tmp_path_factory.mktemp("multihost"))
+  logs, cache = os.path.join(tmp, "logs"), os.path.join(tmp, "jax_cache")
+  os.makedirs(logs)
+  path = lambda name: os.path.join(tmp, name)  # noqa: E731
+  out = {}
+  out["one"] = _Launch("one", path("one"), "pretrain,prepare,train,eval", 1, logs, cache,
+                       (f"--snapshot=prepare:{path('prepared')}",)).results()
+  last_ckpt = os.path.join("checkpoints", str(STEPS))
+  # One launch at a time: 4 JAX processes compiling at once on 2 cores starve each other.
+  out["two"] = _Launch("two", _copy(path("prepared"), path("two"), drop=("tokenizer",)),
+                       "prepare,reprepare,train,eval", 2, logs, cache).results()
+  out["back"] = _Launch("back", _copy(path("two"), path("back"), drop=(last_ckpt,)),
+                        "train,eval", 1, logs, cache).results()
+  out["across"] = _Launch("across", _copy(path("one"), path("across"), drop=(last_ckpt,)),
+                          "train,eval", 2, logs, cache).results()
+  out["dirs"] = {name: path(name) for name in ("prepared", "one", "two", "back", "across")}
+  print({name: round(r[0]["wall_s"], 1) for name, r in out.items() if name != "dirs"})
+  return out
+
+
+def _rows(result: dict, mode: str) -> dict[int, dict]:
+  """The last logged row per step of `mode` (a resumed run rewrites the steps it redoes)."""
+  return {m["step"]: m for m in result["metrics"] if m["mode"] == mode}
+
+
+def _assert_rows_close(want: dict, got: dict, where: str) -> None:
+  names = sorted(k for k in want if k not in ("step", "mode", "time") and
+                 not k.startswith("time/"))
+  assert names and sorted(k for k in got if k in want) == sorted(want), where
+  for name in names:
+    a, b = want[name], got[name]
+    if isinstance(a, str) or isinstance(b, str):  # "nan"/"inf" are logged as strings
+      assert a == b, f"{where} {name}: {a} vs {b}"
+    else:
+      assert math.isclose(a, b, rel_tol=TOL["rtol"], abs_tol=TOL["atol"]), (
+          f"{where} {name}: 1 process {a} vs {b}")
+
+
+def _assert_same_training(one: dict, other: dict, steps, label: str) -> None:
+  want, got = _rows(one, "train"), _rows(other, "train")
+  for step in steps:
+    _assert_rows_close(want[step], got[step], f"{label} step {step}")
+  # Counts come from the sampled tokens: equal means the same rollouts were drawn.
+  for step in steps:
+    for name in ("reward/mean_reward", "reward/format_rate", "train/num_tokens",
+                 "dynamic_sampling/tries", "dynamic_sampling/padded_groups"):
+      assert want[step][name] == got[step][name], f"{label} step {step} {name}"
+
+
+def test_the_single_process_reference_is_not_trivial(runs):
+  train = _rows(runs["one"][0], "train")
+  assert sorted(train) == list(range(STEPS))
+  assert any(m["reward/mean_reward"] > 0 for m in train.values())
+  assert any(abs(m["train/loss"]) > 1e-4 for m in train.values())
+  assert any(m["dynamic_sampling/tries"] > 1 for m in train.values())
+  assert any(m["dynamic_sampling/padded_groups"] > 0 or m["dynamic_sampling/dropped_fraction"] > 0
+             for m in train.values())
+
+
+def test_each_process_reads_its_own_block_of_the_global_batch(runs):
+  assert runs["one"][0]["batch_rows"] == list(range(8))
+  assert [r["batch_rows"] for r in runs["two"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert [r["process_count"] for r in runs["two"]] == [2, 2]
+  assert [r["devices"] for r in runs["two"]] == [4, 4]
+
+
+def test_two_processes_log_the_single_process_numbers(runs):
+  one, two = runs["one"][0], runs["two"][0]
+  _assert_same_training(one, two, range(STEPS), "2 processes")
+  assert two["eval"] == one["eval"]  # Every process evaluates the same positions: exact.
+  assert runs["two"][1]["eval"] == two["eval"]
+  _assert_rows_close(_rows(one, "eval")[STEPS], _rows(two, "eval")[STEPS], "eval")
+
+
+def test_two_processes_prepare_the_same_records(runs):
+  dirs = runs["dirs"]
+  # Process 0 trained the tokenizer again (the others waited): the same model.
+  with open(os.path.join(dirs["prepared"], "tokenizer", "spm.model"), "rb") as f:
+    want = f.read()
+  with open(os.path.join(dirs["two"], "tokenizer", "spm.model"), "rb") as f:
+    assert f.read() == want
+  assert runs["two"][0]["records"] == runs["two"][1]["records"] == runs["one"][0]["records"]
+  assert runs["two"][0]["records_again"] == runs["two"][1]["records_again"] == (
+      runs["one"][0]["records"])
+  for split in records.SPLITS:
+    name = f"{split}-00000.arrayrecord"
+    want = records.read_shard(os.path.join(dirs["prepared"], "records", name))
+    got = records.read_shard(os.path.join(dirs["two"], "records_again", name))
+    assert [(r.doc_id, r.position, r.bucket, r.completion) for r in got] == [
+        (r.doc_id, r.position, r.bucket, r.completion) for r in want]
+    np.testing.assert_allclose([r.entropy for r in got], [r.entropy for r in want], **TOL)
+
+
+def test_a_two_process_checkpoint_continues_on_one_process(runs):
+  _assert_same_training(runs["one"][0], runs["back"][0], range(2, STEPS), "2 -> 1 processes")
+  assert runs["back"][0]["eval"] == runs["one"][0]["eval"]
+
+
+def test_a_one_process_checkpoint_continues_on_two_processes(runs):
+  _assert_same_training(runs["one"][0], runs["across"][0], range(2, STEPS), "1 -> 2 processes")
+  assert runs["across"][0]["eval"] == runs["one"][0]["eval"]

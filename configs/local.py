@@ -54,7 +54,7 @@ def get_config():
   c.rl.temperature = 0.8
   c.rl.max_new_tokens = 24
   c.rl.rollout_micro_batch = 16
-  c.rl.train_micro_batch = 16
+  c.rl.train_micro_batch = 8  # contexts per accumulation micro-step (8 is ~2x faster than 16 on CPU)
   c.rl.dynamic_sampling_from_step = 0
   c.rl.dynamic_sampling_max_tries = 3
 

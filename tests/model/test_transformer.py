@@ -106,6 +106,29 @@ def test_prefill_then_decode_matches_hf_full_forward(name, hf_models, ours):
       np.testing.assert_allclose(got[(r, p)], ref[p], atol=1e-4, rtol=0, err_msg=f"{r},{p}")
 
 
+def test_cache_holds_hf_keys_and_values_per_head_per_slot(hf_models, ours):
+  """After a right-padded prefill, cache.k[layer][row, head, slot] is HF's (post-rope) key of
+  that row's token at position slot (HF caches [B, KVH, S, Dh] too); padding slots stay 0."""
+  hf_model, _ = hf_models["qwen2"]
+  model = ours["qwen2"]
+  lengths, width, slots = np.array([8, 5, 2]), 8, 10
+  tokens = _tokens((3, width), seed=9)
+  mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+  graphdef, state = nnx.split(model)
+  cache = jax.jit(lambda s, t, m, c: nnx.merge(graphdef, s).hidden_states(t, None, m, cache=c)[1])(
+      state, tokens, mask, KVCache.init(model.config, 3, slots))
+  assert cache.k[0].shape == (3, 2, slots, 16) and cache.length == slots
+  assert KVCache.LOGICAL_AXES == ("batch", "kv_heads", "cache_length", "head_dim")
+  for r, n in enumerate(lengths):
+    with torch.no_grad():
+      hf_cache = hf_model(torch.as_tensor(tokens[r:r + 1, :n]), use_cache=True)["cache"]
+    for layer in range(2):
+      for got, want in ((cache.k[layer], hf_cache.layers[layer].keys),
+                        (cache.v[layer], hf_cache.layers[layer].values)):
+        np.testing.assert_allclose(np.asarray(got[r, :, :n]), want[0].numpy(), atol=1e-5)
+        assert not np.asarray(got[r, :, n:]).any()
+
+
 def _shared_prefix_case():
   """2 contexts (lengths 6, 4) x G=2 completions of up to 4 tokens (some padded)."""
   ctx = _tokens((2, 6), seed=3)

@@ -211,6 +211,7 @@ class RPTTrainer:
         max_tries=max(config.dynamic_sampling_max_tries, 1))
     self.step = 0
     self.data_batches = 0  # Loader batches read so far: the data position in any layout.
+    self._checkpoint_seconds: float | None = None
     self._select = jax.jit(_select_groups, out_shardings=self.batch_sharding)
 
   # -- state ---------------------------------------------------------------------------------------
@@ -225,8 +226,8 @@ class RPTTrainer:
     step, self.state, data_state, extra = restored
     self.step = int(step)
     self.data_batches = int((extra or {}).get("data_batches", 0))
-    if data_state is not None:
-      data_iterator.set_state(data_state)
+    if data_state is not None and self._set_loader_state(data_iterator, data_state):
+      pass
     elif "data_batches" in (extra or {}) and hasattr(data_iterator, "seek"):
       # Written under another process count: batch n is global batch n in every layout.
       data_iterator.seek(self.data_batches)
@@ -237,6 +238,16 @@ class RPTTrainer:
                       "order restarts.", step)
     logging.info("Resumed from step %d.", self.step)
     return True
+
+  def _set_loader_state(self, data_iterator, data_state) -> bool:
+    """Grain refuses a state whose data source differs by path (a copied/moved workdir): the
+    caller then seeks to the saved global batch, which is the same position."""
+    try:
+      data_iterator.set_state(data_state)
+      return True
+    except ValueError as e:
+      logging.warning("Loader state not restorable (%s); seeking to the saved batch instead.", e)
+      return False
 
   def save(self, data_iterator, *, force: bool = False) -> None:
     self.checkpointer.save(self.step, self.state, data_state=data_iterator.get_state(),
@@ -383,6 +394,9 @@ class RPTTrainer:
                **(fill.metrics() if self.dynamic.active(step) else {}),
                **{f"time/{k}": v for k, v in timer.seconds.items()}}
     metrics["time/step"] = sum(timer.seconds.values())
+    if self._checkpoint_seconds is not None:  # The save after the previous step.
+      metrics["time/checkpoint"] = self._checkpoint_seconds
+      self._checkpoint_seconds = None
     if writer is not None and (step % cfg.log_every == 0 or self.step == cfg.steps):
       writer.write(step, metrics)
     return metrics
@@ -426,7 +440,8 @@ class RPTTrainer:
           logging.warning("Stop requested (SIGTERM/preemption): saved step %d.", self.step)
           break
         self.save(data_iterator, force=self.step == cfg.steps)
-        metrics["time/checkpoint"] = time.perf_counter() - t0
+        # Logged with the next step's row (this step's row is already written).
+        self._checkpoint_seconds = time.perf_counter() - t0
     finally:
       bar.close()
       self.checkpointer.wait_until_finished()

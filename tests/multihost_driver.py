@@ -61,11 +61,32 @@ def _snapshot(workdir: str, dest: str) -> None:
   multihost_utils.sync_global_devices("snapshot:after")
 
 
+def _train_across(run, config, workdir: str) -> list[dict]:
+  """Points the run's trainer at `workdir`, restores its newest checkpoint (written by another
+  process layout) and trains on to the end there; returns that workdir's metrics rows. Reusing
+  the trainer keeps its compiled programs: a second launch of these processes would compile
+  everything again (the persistent compilation cache only serves process 0)."""
+  from rpt_jax import checkpoint as checkpoint_lib
+  from rpt_jax.metrics import read_metrics
+
+  trainer = run.trainer
+  trainer.checkpointer.close()
+  trainer.checkpointer = checkpoint_lib.Checkpointer(
+      workdir, save_interval_steps=config.train.checkpoint_every,
+      max_to_keep=config.train.keep_checkpoints)
+  trainer.workdir = workdir
+  iterator = iter(run.train_loader())
+  if not trainer.restore(iterator):
+    raise FileNotFoundError(f"no checkpoint in {workdir}")
+  trainer.run(iterator)
+  return read_metrics(workdir)
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--workdir", required=True)
   p.add_argument("--stages", default="pretrain,prepare,train,eval",
-                 help="comma list of pretrain, prepare, reprepare, train, eval")
+                 help="comma list of pretrain, prepare, reprepare, train, eval, across")
   p.add_argument("--num_processes", type=int, default=1)
   p.add_argument("--process_id", type=int, default=0)
   p.add_argument("--port", type=int, default=0)
@@ -73,6 +94,7 @@ def main() -> None:
   p.add_argument("--train_steps", type=int, default=4)
   p.add_argument("--dynamic_from", type=int, default=0)
   p.add_argument("--out", required=True)
+  p.add_argument("--across", default="", help="workdir of another layout's run to resume")
   p.add_argument("--snapshot", default="",
                  help="STAGE:DIR copies the workdir to DIR after STAGE (process 0)")
   args = p.parse_args()
@@ -132,6 +154,8 @@ def main() -> None:
       run.train()
     elif stage == "eval":
       result["eval"] = run.evaluate("driver")
+    elif stage == "across":  # The same trainer (compiled programs) resumed from --across's
+      result["across_metrics"] = _train_across(run, config, args.across)  # newest checkpoint.
     else:
       raise ValueError(f"unknown stage {stage!r}")
     result["seconds"][stage] = time.perf_counter() - t0

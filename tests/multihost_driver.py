@@ -61,6 +61,24 @@ def _snapshot(workdir: str, dest: str) -> None:
   multihost_utils.sync_global_devices("snapshot:after")
 
 
+def _repretrain(run, config) -> list[dict]:
+  """Runs rpt_jax.pretrain for 4 steps from the pretrained checkpoint (the same params in every
+  layout); returns the rows it logs. Replaces the run's policy: a last stage."""
+  from rpt_jax import pretrain as pretrain_lib
+
+  run.__dict__.pop("model", None)  # Run.model (cached) rebuilds it from pretrain/checkpoints.
+  pc, rows = config.pretrain, []
+  settings = pretrain_lib.PretrainConfig(
+      steps=4, batch_size=pc.batch_size, seq_len=pc.seq_len, learning_rate=pc.learning_rate,
+      warmup_steps=1, reasoning_example_fraction=pc.reasoning_example_fraction,
+      thought=pc.thought, template=config.data.template, max_context_tokens=pc.max_context_tokens,
+      min_context_tokens=pc.min_context_tokens, seed=config.seed + 1, log_every=2)
+  pretrain_lib.pretrain(run.model, run.tokenizer, run.documents(), settings, mesh=run.mesh,
+                        rules=run.rules, progress=False,
+                        log_fn=lambda step, m: rows.append({"step": step, **m}))
+  return rows
+
+
 def _train_across(run, config, workdir: str) -> list[dict]:
   """Points the run's trainer at `workdir`, restores its newest checkpoint (written by another
   process layout) and trains on to the end there; returns that workdir's metrics rows. Reusing
@@ -86,7 +104,8 @@ def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--workdir", required=True)
   p.add_argument("--stages", default="pretrain,prepare,train,eval",
-                 help="comma list of pretrain, prepare, reprepare, train, eval, across")
+                 help="comma list of pretrain, prepare, reprepare, train, eval, across, "
+                 "repretrain")
   p.add_argument("--num_processes", type=int, default=1)
   p.add_argument("--process_id", type=int, default=0)
   p.add_argument("--port", type=int, default=0)
@@ -154,6 +173,8 @@ def main() -> None:
       run.train()
     elif stage == "eval":
       result["eval"] = run.evaluate("driver")
+    elif stage == "repretrain":  # A few more pretrain steps on the current policy (changes it).
+      result["repretrain"] = _repretrain(run, config)
     elif stage == "across":  # The same trainer (compiled programs) resumed from --across's
       result["across_metrics"] = _train_across(run, config, args.across)  # newest checkpoint.
     else:

@@ -201,13 +201,13 @@ def runs(tmp_path_factory):
   os.makedirs(logs)
   path = lambda name: os.path.join(tmp, name)  # noqa: E731
   out = {}
-  out["one"] = _Launch("one", path("one"), "pretrain,prepare,train,eval", 1, logs, cache,
+  out["one"] = _Launch("one", path("one"), "pretrain,prepare,train,eval,repretrain", 1, logs, cache,
                        (f"--snapshot=prepare:{path('prepared')}",)).results()
   last_ckpt = os.path.join("checkpoints", str(STEPS))
   # One launch at a time: 4 JAX processes compiling at once on 2 cores starve each other.
   across = _copy(path("one"), path("across"), drop=(last_ckpt,))
   out["two"] = _Launch("two", _copy(path("prepared"), path("two"), drop=("tokenizer",)),
-                       "prepare,reprepare,train,eval,across", 2, logs, cache,
+                       "prepare,reprepare,train,eval,across,repretrain", 2, logs, cache,
                        (f"--across={across}",)).results()
   out["back"] = _Launch("back", _copy(path("two"), path("back"), drop=(last_ckpt,)),
                         "train,eval", 1, logs, cache).results()
@@ -289,6 +289,18 @@ def test_two_processes_prepare_the_same_records(runs):
     assert [(r.doc_id, r.position, r.bucket, r.completion) for r in got] == [
         (r.doc_id, r.position, r.bucket, r.completion) for r in want]
     np.testing.assert_allclose([r.entropy for r in got], [r.entropy for r in want], **TOL)
+
+
+def test_two_processes_pretrain_like_one(runs):
+  # 4 pretrain steps from the same pretrained params, on each layout.
+  one, two = runs["one"][0]["repretrain"], runs["two"][0]["repretrain"]
+  assert [r["step"] for r in one] == [r["step"] for r in two] == [2, 4]
+  names = ("loss", "plain_loss", "reasoning_loss", "grad_norm", "learning_rate", "loss_tokens")
+  for a, b, other in zip(one, two, runs["two"][1]["repretrain"]):
+    for name in names:
+      assert math.isclose(a[name], b[name], rel_tol=TOL["rtol"], abs_tol=TOL["atol"]), (
+          name, a[name], b[name])
+      assert other[name] == b[name]  # Every process reads the same (replicated) metrics.
 
 
 def test_a_two_process_checkpoint_continues_on_one_process(runs):

@@ -26,6 +26,12 @@ def micro_config(train_steps: int, dynamic_from: int):
   from configs import local
 
   c = local.get_config()
+  # Pinned here (not inherited) so edits to configs/local.py do not change this test's run.
+  c.mesh.update(data=1, fsdp=-1, tensor=1)
+  c.model.update(compute_dtype="float32", remat="none")
+  c.data.update(filter="entropy", entropy_threshold=0.5, min_context_tokens=8,
+                completion_tokens=8, template="v0", worker_count=0)
+  c.rl.update(temperature=0.8, top_k=0, top_p=1.0, advantage="grpo", shared_prefix=True)
   c.model.scratch.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                          num_kv_heads=1, head_dim=16, max_position_embeddings=256)
   c.tokenizer.train_vocab_size = 512  # 384 pieces spell the v0 template in ~180 tokens
@@ -37,8 +43,9 @@ def micro_config(train_steps: int, dynamic_from: int):
   c.data.score_overlap = 32
   c.data.score_batch_size = 8
   c.data.eval_fraction = 0.1
-  c.pretrain.update(steps=300, batch_size=8, seq_len=160, max_context_tokens=32, learning_rate=3e-3, warmup_steps=4,
-                    thought="", log_every=100)
+  # Enough next-token + answer-format pretraining that some answers are well formed.
+  c.pretrain.update(steps=300, batch_size=8, seq_len=160, max_context_tokens=32,
+                    learning_rate=3e-3, warmup_steps=4, thought="", log_every=100)
   c.rl.update(batch_contexts=8, num_generations=2, max_new_tokens=12, rollout_micro_batch=4,
               train_micro_batch=4, dynamic_sampling_from_step=dynamic_from,
               dynamic_sampling_max_tries=2)

@@ -1,22 +1,24 @@
 """Multi-host correctness on one machine: 2 JAX processes x 2 CPU devices vs 1 process x 4.
 
-SLOW (minutes: most of it compiling in 4 child processes; see `runs`). The same
-global batch (8 contexts x G=2) runs through the real stages (`rpt_jax.pipeline.Run`, driven by
+SLOW: about 2.5 minutes on this 2-core machine while other work ran on it (most of it compiling
+in 4 child processes; `runs` prints each launch's wall time with -s). The same global batch
+(8 contexts x G=2) runs through the real stages (`rpt_jax.pipeline.Run`, driven by
 tests/multihost_driver.py) on both layouts:
 
-  one    1 process: tokenizer, pretrain, prepare (snapshot), RPT train 4 steps, eval
+  one    1 process: tokenizer, pretrain, prepare (snapshot), RPT train 4 steps, eval, then 4
+         pretrain steps from the pretrained checkpoint ("repretrain")
   two    2 processes (gloo collectives) on the snapshot without its tokenizer: process 0 trains
          the tokenizer again, prepare finds the records (and prepares a second copy), train, eval;
          then the same trainer resumes `one`'s step-2 checkpoint (written by 1 process) in a
-         copy of `one`'s workdir and trains to the end ("across")
+         copy of `one`'s workdir and trains to the end ("across"); "repretrain"
   back   1 process, resumed from `two`'s step-2 checkpoint (written by 2 processes)
 
 and the logged numbers must agree: rewards, dynamic-sampling counts and token counts exactly (they
 come from identical sampled tokens), losses/entropies/gradient norms to fp32 reduction order
-(`TOL`; observed differences are ~1e-7 relative), the eval report exactly. Dynamic sampling is on
-from step 0 and the reward gives partial credit for the answer format, so groups are dropped,
-refilled from a second candidate batch and padded: the metrics are not trivially zero. The
-reference is the single-process run, not the code under test on the same layout.
+(`TOL`; observed differences are at most 3e-7 relative), the eval report exactly. Dynamic
+sampling is on from step 0 and the reward gives partial credit for the answer format, so groups
+are dropped, refilled from a second candidate batch and padded: the metrics are not trivially
+zero. The reference is the single-process run, not the code under test on the same layout.
 
 The loader tests at the top are fast and in-process: global batches are the same records in the
 same rows whatever the process count, the worker count or the row assignment, and `seek` lands

@@ -39,6 +39,9 @@ def initialize_distributed(config) -> None:
   """Multi-host start-up: automatic on TPU pods, explicit coordinator flags elsewhere."""
   d = config.distributed
   if d.coordinator_address:
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+      # Cross-process collectives on CPU need gloo (the default CPU backend has none).
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=d.coordinator_address,
                                num_processes=d.num_processes, process_id=d.process_id)
   elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0 or os.environ.get(

@@ -208,7 +208,9 @@ def test_sharded_step_equals_unsharded(tokenizer, corpus):
   init = jax.tree.leaves(nnx.state(_model(tokenizer, seed=2), nnx.Param))
   moved = 0.0
   for a, b, c in zip(p1, p2, init):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+    # Adam divides by sqrt(v): where a gradient is ~0, fp32 reduction-order noise between the
+    # sharded and unsharded sums moves a parameter by up to ~lr * 1e-2 (seen: 2.6e-5).
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=6e-5, rtol=1e-4)
     moved = max(moved, float(np.abs(np.asarray(a) - np.asarray(c)).max()))
   assert moved > 1e-3  # the step changed the parameters
   embed = nnx.state(sharded, nnx.Param)["embed"].value

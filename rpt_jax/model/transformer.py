@@ -173,9 +173,9 @@ class Attention(nnx.Module):
     if kv is None:
       new_kv = None
       keys, values = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KVH, S=L, Dh]
-      # Causal on positions, and never onto padding keys.
-      allowed_BLS = ((positions_BL[:, None, :] <= positions_BL[:, :, None])
-                     & mask_BL[:, None, :])
+      # Causal on positions, and never onto padding keys; [B, 1, 1, L, S] from [B, L] pieces.
+      allowed = ((positions_BL[:, None, None, None, :] <= positions_BL[:, None, None, :, None])
+                 & mask_BL[:, None, None, None, :])
     else:
       cache_k, cache_v = kv
       slots = cache_k.shape[2]
@@ -187,39 +187,87 @@ class Attention(nnx.Module):
       axes = KVCache.LOGICAL_AXES
       new_kv = (self._shard(cache_k, axes), self._shard(cache_v, axes))
       keys, values = new_kv[0].astype(cd), new_kv[1].astype(cd)
-      allowed_BLS = jnp.arange(slots)[None, None, :] <= positions_BL[:, :, None]
-    out = attend(q, keys, values, allowed_BLS)
+      allowed = jnp.arange(slots) <= positions_BL[:, None, None, :, None]  # [B, 1, 1, L, S]
+    out = attend(q, keys, values, allowed)
     out = jnp.einsum("BLNH,NHD->BLD", out, self.o.value.astype(cd))
     if cfg.o_bias:
       out = out + self.o_bias.value.astype(cd)
     return out, new_kv
 
 
-def attend(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, allowed_BLS: Array) -> Array:
+def attend(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, allowed: Array) -> Array:
   """Softmax(q k^T / sqrt(Dh)) v with a boolean mask; scores and softmax in float32.
 
-  Query head n reads KV head n // G (G = N / KVH query heads per KV head).
+  Query head n reads KV head n // G (G = N / KVH query heads per KV head). `allowed`: bool,
+  broadcastable to [B, KVH, G, L, S] (e.g. [B, 1, 1, L, S]): may query l read key s.
   """
   b, l, n, h = q_BLNH.shape
+  if jax.default_backend() == "cpu":
+    if l == 1:
+      kvh = k_BKSH.shape[1]
+      return _attend_one_query(q_BLNH.reshape(b, kvh, n // kvh, h), k_BKSH, v_BKSH,
+                               allowed[:, :, :, 0]).reshape(b, 1, n, h)
+    rows = _rows_per_chunk(b, n * l * k_BKSH.shape[2] * 4)
+    if rows < b:
+      return _attend_in_row_chunks(q_BLNH, k_BKSH, v_BKSH, allowed, rows)
+  return _attend(q_BLNH, k_BKSH, v_BKSH, allowed)
+
+
+def _attend(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, allowed: Array) -> Array:
+  """`attend` over the whole batch: two batched matmuls over (B, KVH)."""
+  b, l, n, h = q_BLNH.shape
   kvh = k_BKSH.shape[1]
-  q = q_BLNH.reshape(b, l, kvh, n // kvh, h)
-  if l == 1 and jax.default_backend() == "cpu":
-    return _attend_one_query(q[:, 0], k_BKSH, v_BKSH, allowed_BLS[:, 0]).reshape(b, 1, n, h)
-  scores = jnp.einsum("BLKGH,BKSH->BKGLS", q, k_BKSH, preferred_element_type=jnp.float32)
-  scores = jnp.where(allowed_BLS[:, None, None], scores * h ** -0.5, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
-  out = jnp.einsum("BKGLS,BKSH->BLKGH", probs, v_BKSH)
-  return out.reshape(b, l, n, h)
+  # Queries laid out [B, KVH, G, L, Dh] like the keys (a copy of q, not of the [.., L, S]
+  # scores): both products are then plain batched matmuls whose outputs XLA keeps in place.
+  q_BKGLH = q_BLNH.reshape(b, l, kvh, n // kvh, h).transpose(0, 2, 3, 1, 4)
+  scores = jnp.einsum("BKGLH,BKSH->BKGLS", q_BKGLH, k_BKSH, preferred_element_type=jnp.float32)
+  scores = jnp.where(allowed, scores * h ** -0.5, _MASKED)
+  # Softmax normalised after the value product: [.., L, Dh] divides instead of [.., L, S].
+  shift = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+  weights = jnp.exp(scores - shift)
+  out = jnp.einsum("BKGLS,BKSH->BKGLH", weights.astype(v_BKSH.dtype), v_BKSH,
+                   preferred_element_type=jnp.float32)
+  out = out / jnp.sum(weights, axis=-1, keepdims=True)
+  return out.astype(v_BKSH.dtype).transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
 
 
-def _attend_one_query(q_BKGH: Array, k_BKSH: Array, v_BKSH: Array, allowed_BS: Array) -> Array:
+# XLA:CPU runs attention op by op over whole tensors, so once the fp32 scores of all rows
+# outgrow the caches every pass over them streams from memory: 128 rows x 256 tokens ran
+# 3.5x slower per row than chunks of <= this many bytes of scores.
+_CPU_SCORE_CHUNK_BYTES = 8 * 2 ** 20
+
+
+def _rows_per_chunk(rows: int, score_bytes_per_row: int) -> int:
+  """The largest divisor of `rows` whose scores fit _CPU_SCORE_CHUNK_BYTES (at least 1)."""
+  fit = max(1, _CPU_SCORE_CHUNK_BYTES // score_bytes_per_row)
+  return max(d for d in range(1, min(fit, rows) + 1) if rows % d == 0)
+
+
+def _attend_in_row_chunks(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, allowed: Array,
+                          rows: int) -> Array:
+  """`_attend` on `rows` rows at a time (CPU only), each chunk recomputed in the backward pass.
+
+  Chunk m holds rows m, m + M, m + 2M, ... (M chunks): a batch sharded in contiguous blocks
+  keeps its sharding on the rows within a chunk, so the loop never slices across devices.
+  """
+  b = q_BLNH.shape[0]
+  chunks = b // rows
+  allowed = jnp.broadcast_to(allowed, (b,) + allowed.shape[1:])
+  split = lambda x: x.reshape(rows, chunks, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+  body = jax.checkpoint(lambda xs: _attend(*xs), prevent_cse=False)
+  out = jax.lax.map(body, tuple(split(x) for x in (q_BLNH, k_BKSH, v_BKSH, allowed)))
+  return out.swapaxes(0, 1).reshape(q_BLNH.shape)
+
+
+def _attend_one_query(q_BKGH: Array, k_BKSH: Array, v_BKSH: Array, allowed: Array) -> Array:
   """`attend` for one query per row (a decode step) as multiply-and-reduce: on XLA:CPU the
   batched dot over (B, KVH) with only G rows per matrix is 1.2-1.5x slower per decode step
-  than one fused pass over the cache (TPU/GPU keep dot_general). Returns [B, KVH, G, Dh]."""
+  than one fused pass over the cache (TPU/GPU keep dot_general). `allowed` broadcasts to
+  [B, KVH, G, S]. Returns [B, KVH, G, Dh]."""
   f32 = jnp.float32
   scores_BKGS = jnp.sum(q_BKGH[:, :, :, None, :].astype(f32) * k_BKSH[:, :, None].astype(f32),
                         axis=-1)
-  scores_BKGS = jnp.where(allowed_BS[:, None, None], scores_BKGS * q_BKGH.shape[-1] ** -0.5,
+  scores_BKGS = jnp.where(allowed, scores_BKGS * q_BKGH.shape[-1] ** -0.5,
                           _MASKED)
   probs_BKGS = jax.nn.softmax(scores_BKGS, axis=-1)
   out = jnp.sum(probs_BKGS[..., None] * v_BKSH[:, :, None].astype(f32), axis=3)

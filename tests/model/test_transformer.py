@@ -8,6 +8,7 @@ from flax import nnx
 
 from rpt_jax import mesh as mesh_lib
 from rpt_jax.model import hf_io
+from rpt_jax.model import transformer
 from rpt_jax.model.transformer import KVCache, Transformer
 
 FAMILIES = ["qwen2", "qwen2_tied", "llama3", "qwen3", "mistral"]
@@ -50,7 +51,25 @@ def test_logits_match_hf_with_right_padding(name, hf_models, ours):
   np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=0)
 
 
-def test_sharded_forward_equals_unsharded(hf_models, ours):
+def test_row_chunked_attention_matches_hf(monkeypatch, hf_models, ours):
+  """CPU attention in chunks of rows (a budget of one row's scores: 4 chunks) == HF."""
+  hf_model, _ = hf_models["qwen2_tied"]
+  tokens = _tokens((4, 20), seed=10)
+  mask = np.ones_like(tokens)
+  mask[1, 11:] = 0
+  mask[3, 3:] = 0
+  tokens[mask == 0] = 0
+  monkeypatch.setattr(transformer, "_CPU_SCORE_CHUNK_BYTES", 8 * 20 * 20 * 4)
+  assert transformer._rows_per_chunk(4, 8 * 20 * 20 * 4) == 1
+  got = _forward(ours["qwen2_tied"], tokens, mask)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(got[real], hf_logits(hf_model, tokens, mask)[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["whole", "row-chunks"])
+def test_sharded_forward_equals_unsharded(chunk_bytes, monkeypatch, hf_models, ours):
+  if chunk_bytes:  # One row per chunk: the chunk loop runs over a batch sharded 4 ways.
+    monkeypatch.setattr(transformer, "_CPU_SCORE_CHUNK_BYTES", chunk_bytes)
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2, tensor=2))
   model, _ = hf_io.load_hf(hf_models["qwen3"][1], mesh=mesh)
   q = model.layers[0].attn.q.value
@@ -150,7 +169,11 @@ def _shared_prefix_loss(model, ctx, ctx_len, ctx_mask, comp, comp_mask, weights)
   return jnp.sum(model.logits(hidden) * weights * comp_mask[..., None])
 
 
-def test_shared_prefix_cache_loss_and_grads_match_torch(hf_models, ours):
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["whole", "row-chunks"])
+def test_shared_prefix_cache_loss_and_grads_match_torch(chunk_bytes, monkeypatch, hf_models,
+                                                        ours):
+  if chunk_bytes:  # Gradients through the rematerialised chunk loop too.
+    monkeypatch.setattr(transformer, "_CPU_SCORE_CHUNK_BYTES", chunk_bytes)
   hf_model, _ = hf_models["qwen2"]
   model = ours["qwen2"]
   ctx, ctx_len, ctx_mask, comp, comp_len, comp_mask, weights = _shared_prefix_case()

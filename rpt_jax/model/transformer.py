@@ -351,8 +351,7 @@ class Transformer(nnx.Module):
     mask_BL = (jnp.ones((b, l), bool) if attention_mask_BL is None
                else attention_mask_BL.astype(bool))
     cd = jnp.dtype(cfg.compute_dtype)
-    x = jnp.take(self.embed.value, tokens_BL, axis=0).astype(cd)
-    x = mesh_lib.shard_activation(x, ("batch", "length", None), self.mesh, self.rules)
+    x = self._embed(tokens_BL).astype(cd)
     sin, cos = rope_tables(positions_BL, rope_inv_freq(cfg))
     run = _run_block
     if cfg.remat != "none":
@@ -367,6 +366,24 @@ class Transformer(nnx.Module):
     new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
     return self.final_norm(x), new_cache
 
+  def _embed(self, tokens_BL: Array) -> Array:
+    """Embedding rows [B, L, D] (param dtype), split over the mesh like activations."""
+    table_VD = self.embed.value
+    x_BLD = jnp.take(table_VD, tokens_BL, axis=0)
+    if self.mesh is not None:
+      # Rows looked up from a table split along D (embed -> fsdp) come out split along D. XLA
+      # cannot move that split onto the batch in one step (it replicates the rows whole:
+      # "involuntary full rematerialization"), so pin it first, with the rows over the batch
+      # axes D does not use; the batch constraint below is then one all-to-all per D axis.
+      rules = self.rules or mesh_lib.ShardingRules()
+      d_axes = _axes_tuple(rules.spec(("embed",), table_VD.shape[1:], self.mesh)[0])
+      if d_axes:
+        b_axes = tuple(a for a in _axes_tuple(rules.spec(("batch",), x_BLD.shape[:1],
+                                                         self.mesh)[0]) if a not in d_axes)
+        x_BLD = jax.lax.with_sharding_constraint(x_BLD, jax.sharding.NamedSharding(
+            self.mesh, jax.sharding.PartitionSpec(b_axes or None, None, d_axes)))
+    return mesh_lib.shard_activation(x_BLD, ("batch", "length", None), self.mesh, self.rules)
+
   def unembedding(self) -> Array:
     """The output projection W_DV (tied: the embedding transposed), in the param dtype."""
     if self.config.tie_word_embeddings:
@@ -379,6 +396,13 @@ class Transformer(nnx.Module):
     logits = jnp.einsum("BLD,DV->BLV", hidden_BLD.astype(cd), self.unembedding().astype(cd),
                         preferred_element_type=jnp.float32)
     return mesh_lib.shard_activation(logits, ("batch", "length", "vocab"), self.mesh, self.rules)
+
+
+def _axes_tuple(entry) -> tuple[str, ...]:
+  """A PartitionSpec entry (None, an axis name or a tuple of them) as a tuple of names."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def init_model(config: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None,

@@ -3,10 +3,11 @@
 This module owns the numerics of the train step's objective:
 
 * `token_logprobs_and_entropy`: log pi(target) and the entropy of the temperature-scaled
-  next-token distribution, in fp32, from final hidden states and the unembedding. The sequence
-  is processed in chunks of `chunk_size` positions under `jax.checkpoint`, so neither the forward
-  nor the backward pass holds more than [B, chunk, V / tensor] logits per device (plus the
-  [D, V / tensor] unembedding gradient); a full [B, T, V] tensor never exists. With a mesh whose
+  next-token distribution, in fp32, from final hidden states and the unembedding. The B x T
+  positions (each device's rows, flattened) are processed in chunks of at most `chunk_size`
+  positions under `jax.checkpoint`, so neither the forward nor the backward pass holds more than
+  [chunk, V / tensor] logits per device (plus the [D, V / tensor] unembedding gradient), whatever
+  B and T are; a full [B, T, V] tensor never exists. With a mesh whose
   'vocab' rule names a mesh axis of size > 1, each device computes logits for its own vocab slice
   inside `jax.shard_map` and the log-sum-exp, the target logit and the entropy are assembled with
   `pmax`/`psum` over that axis (Megatron-style vocab-parallel cross-entropy).
@@ -50,7 +51,8 @@ def token_logprobs_and_entropy(
       that range give a finite, meaningless value: mask those positions in the loss.
     temperature: logits are divided by it (use the sampling temperature so that the log-probs
       are those of the distribution the rollouts were drawn from).
-    chunk_size: positions per chunk; T is padded internally to a multiple of it.
+    chunk_size: the most positions per chunk, counted over rows x tokens (B*T per device is
+      split into ceil(B*T / chunk_size) equal chunks, padded by fewer positions than chunks).
     mesh, rules: with a mesh, the math runs under `jax.shard_map`: batch split over the axes of
       the 'batch' rule that divide B, and, when `rules` (default `ShardingRules()`, vocab ->
       'tensor') map 'vocab' to mesh axes of size > 1, the unembedding split over vocab
@@ -61,7 +63,7 @@ def token_logprobs_and_entropy(
   Returns:
     (logp_BT, entropy_BT), both fp32. Differentiable w.r.t. hidden and unembed.
 
-  Memory: live logits are O(B * chunk_size * V / tensor) per device in both passes (each chunk is
+  Memory: live logits are O(chunk_size * V / tensor) per device in both passes (each chunk is
   recomputed in the backward pass), instead of O(B * T * V).
   """
   if hidden_BTD.ndim != 3 or unembed_DV.ndim != 2 or targets_BT.ndim != 2:
@@ -78,7 +80,7 @@ def token_logprobs_and_entropy(
     raise ValueError(f"temperature={temperature} must be > 0.")
   if chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size} must be a positive integer.")
-  chunk = min(int(chunk_size), hidden_BTD.shape[1])
+  chunk = int(chunk_size)
   vocab_size = unembed_DV.shape[1]
   if mesh is None:
     return _chunked(hidden_BTD, unembed_DV, targets_BT, temperature=temperature, chunk=chunk,
@@ -134,34 +136,37 @@ def _parallel_axes(mesh: Mesh | None, rules: Any,
 
 def _chunked(hidden_BTD, unembed_DV, targets_BT, *, temperature, chunk, vocab_size, vocab_axes,
              vocab_shards):
-  """Scans `_chunk_stats` over T-chunks, rematerialising each chunk in the backward pass."""
+  """Maps `_chunk_stats` over chunks of the flattened B*T positions, rematerialising each chunk
+  in the backward pass (so rows x tokens, not just tokens, bound the live logits)."""
   b, t, d = hidden_BTD.shape
-  n = -(-t // chunk)
-  pad = n * chunk - t
+  positions = b * t
+  n = -(-positions // chunk)
+  chunk = -(-positions // n)  # Equal chunks: padding < n positions.
+  pad = n * chunk - positions
+  hidden_PD = hidden_BTD.reshape(positions, d)
+  targets_P = targets_BT.reshape(positions)
   if pad:
-    hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-  hidden_NBCD = hidden_BTD.reshape(b, n, chunk, d).transpose(1, 0, 2, 3)
-  targets_NBC = targets_BT.reshape(b, n, chunk).transpose(1, 0, 2)
+    hidden_PD = jnp.pad(hidden_PD, ((0, pad), (0, 0)))
+    targets_P = jnp.pad(targets_P, (0, pad))
 
-  # Saves nothing but the chunk's inputs: the [B, C, V] logits are recomputed in the backward.
+  # Saves nothing but the chunk's inputs: the [C, V] logits are recomputed in the backward.
   @functools.partial(jax.checkpoint, prevent_cse=False)
   def body(xs):
-    h_BCD, tgt_BC = xs
-    return _chunk_stats(h_BCD, unembed_DV, tgt_BC, temperature=temperature,
+    h_CD, tgt_C = xs
+    return _chunk_stats(h_CD, unembed_DV, tgt_C, temperature=temperature,
                         vocab_size=vocab_size, vocab_axes=vocab_axes, vocab_shards=vocab_shards)
 
-  logp_NBC, ent_NBC = jax.lax.map(body, (hidden_NBCD, targets_NBC))
-  logp_BT = logp_NBC.transpose(1, 0, 2).reshape(b, n * chunk)[:, :t]
-  ent_BT = ent_NBC.transpose(1, 0, 2).reshape(b, n * chunk)[:, :t]
-  return logp_BT, ent_BT
+  logp_NC, ent_NC = jax.lax.map(body, (hidden_PD.reshape(n, chunk, d),
+                                       targets_P.reshape(n, chunk)))
+  unflatten = lambda x_NC: x_NC.reshape(n * chunk)[:positions].reshape(b, t)  # noqa: E731
+  return unflatten(logp_NC), unflatten(ent_NC)
 
 
-def _chunk_stats(h_BCD, w_DV, tgt_BC, *, temperature, vocab_size, vocab_axes, vocab_shards):
+def _chunk_stats(h_CD, w_DV, tgt_C, *, temperature, vocab_size, vocab_axes, vocab_shards):
   """log p(target) and entropy for one chunk; `w_DV` is this device's vocab slice."""
   v_local = w_DV.shape[1]
-  z_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV,
-                     preferred_element_type=jnp.float32).astype(jnp.float32) / temperature
+  z_CV = jnp.einsum("cd,dv->cv", h_CD, w_DV,
+                    preferred_element_type=jnp.float32).astype(jnp.float32) / temperature
   if vocab_axes:
     offset = jax.lax.axis_index(vocab_axes) * v_local
   else:
@@ -169,29 +174,29 @@ def _chunk_stats(h_BCD, w_DV, tgt_BC, *, temperature, vocab_size, vocab_axes, vo
   padded = v_local * vocab_shards != vocab_size
   if padded:
     valid_V = offset + jnp.arange(v_local) < vocab_size
-    z_for_max = jnp.where(valid_V, z_BCV, -jnp.inf)
+    z_for_max = jnp.where(valid_V, z_CV, -jnp.inf)
   else:
-    z_for_max = z_BCV
+    z_for_max = z_CV
   # The shift cancels in log-sum-exp, so it carries no gradient (and pmax needs none).
-  m_BC = jax.lax.stop_gradient(z_for_max.max(axis=-1))
+  m_C = jax.lax.stop_gradient(z_for_max.max(axis=-1))
   if vocab_axes:
-    m_BC = jax.lax.pmax(m_BC, vocab_axes)
-  zs_BCV = z_BCV - m_BC[..., None]
-  e_BCV = jnp.exp(zs_BCV)
+    m_C = jax.lax.pmax(m_C, vocab_axes)
+  zs_CV = z_CV - m_C[..., None]
+  e_CV = jnp.exp(zs_CV)
   if padded:
-    e_BCV = jnp.where(valid_V, e_BCV, 0.0)
-  sum_e_BC = e_BCV.sum(axis=-1)
+    e_CV = jnp.where(valid_V, e_CV, 0.0)
+  sum_e_C = e_CV.sum(axis=-1)
   # Entropy = log S - sum(e * zs) / S with zs = z - max <= 0: no cancellation of large terms.
-  sum_ezs_BC = (e_BCV * zs_BCV).sum(axis=-1)
-  local_BC = tgt_BC - offset
-  in_range_BC = (local_BC >= 0) & (local_BC < v_local)
-  zt_BC = jnp.take_along_axis(zs_BCV, jnp.clip(local_BC, 0, v_local - 1)[..., None],
-                              axis=-1)[..., 0]
-  zt_BC = jnp.where(in_range_BC, zt_BC, 0.0)
+  sum_ezs_C = (e_CV * zs_CV).sum(axis=-1)
+  local_C = tgt_C - offset
+  in_range_C = (local_C >= 0) & (local_C < v_local)
+  zt_C = jnp.take_along_axis(zs_CV, jnp.clip(local_C, 0, v_local - 1)[..., None],
+                             axis=-1)[..., 0]
+  zt_C = jnp.where(in_range_C, zt_C, 0.0)
   if vocab_axes:
-    sum_e_BC, sum_ezs_BC, zt_BC = jax.lax.psum((sum_e_BC, sum_ezs_BC, zt_BC), vocab_axes)
-  log_s_BC = jnp.log(sum_e_BC)
-  return zt_BC - log_s_BC, log_s_BC - sum_ezs_BC / sum_e_BC
+    sum_e_C, sum_ezs_C, zt_C = jax.lax.psum((sum_e_C, sum_ezs_C, zt_C), vocab_axes)
+  log_s_C = jnp.log(sum_e_C)
+  return zt_C - log_s_C, log_s_C - sum_ezs_C / sum_e_C
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,67 @@
+r"""RPT on TPU v5e-256 (256 chips, 64 hosts): DeepSeek-R1-Distill-Qwen-14B with the paper's recipe.
+
+    tpu_scripts/create.sh --accelerator-type=v5litepod-256 --zone=us-west4-a
+    tpu_scripts/run.sh --config=configs/tpu_v5e.py --workdir=gs://BUCKET/rpt/run1
+    python -m rpt_jax.compile_check --config=configs/tpu_v5e.py   # memory check, on any machine
+
+The recipe, the checkpoint (`model.hf_path`: a local folder or gcsfuse mount on every worker)
+and the data are as in configs/tpu_v4.py; only the mesh and micro-batches differ.
+
+Memory per chip (v5e: 16 GiB HBM, one TensorCore per chip). Mesh data=4 x fsdp=8 x tensor=8,
+with `embed` sharded over data AND fsdp (sharding_rules below), so parameters are split all 256
+ways while a micro-batch of 4 contexts still lands one context per data shard. P = 14,770,033,664
+parameters. `compile_check.stated_gib` holds these figures; tests check them against an
+eval_shape count:
+  params          P x 4 B (fp32 master) / 256                                   = 0.21 GiB
+  grads           the same layout, x2 while accumulating                        = 2 x 0.21
+  optimizer       Adam mu + nu, P x 8 B / 256                                   = 0.43 GiB
+  compute_params  the sampler's bf16 copy, P x 2 B / 256                        = 0.11 GiB
+  kv_cache        decode, 64 contexts x G=8 = 512 rows over the 32-way batch split = 16 rows
+                  per chip, (5,120 + 8,192) slots, 8 KV heads / 8 tensor, 128, k+v, 48 layers,
+                  bf16: 16 x 13,312 x 1 x 128 x 2 x 2 B x 48                    = 4.88 GiB
+  train state during the whole step: params + Adam + 2 grads = 1.08 GiB.
+Activations: the train step holds ONE response row per chip per micro-step (4 contexts x G=8 =
+32 rows over the 32-way batch split) and its context's prefill; the compiled figures are in
+`python -m rpt_jax.compile_check --config=configs/tpu_v5e.py` (see the issue "Pods" report).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import base  # noqa: E402  (the repo root must be importable first)
+from configs import tpu_v4  # noqa: E402
+
+GiB = 2**30
+
+
+def get_config():
+  c = base.get_config()
+  c.workdir = ""  # --workdir=gs://BUCKET/rpt/RUN (shared by every worker)
+
+  c.model.hf_path = "/mnt/gcs/models/DeepSeek-R1-Distill-Qwen-14B"
+  c.model.param_dtype = "float32"
+  c.model.compute_dtype = "bfloat16"
+  c.model.remat = "full"
+  c.data.proxy_hf_path = "/mnt/gcs/models/DeepSeek-R1-Distill-Qwen-1.5B"
+
+  c.mesh.update(data=4, fsdp=8, tensor=8)
+  # rpt_jax.mesh.DEFAULT_RULES with `embed` over data x fsdp: fully sharded weights (ZeRO-3 over
+  # 32 x tensor 8) while the batch is split over the same 32.
+  c.sharding_rules = (
+      ("batch", ("data", "fsdp")), ("embed", ("data", "fsdp")), ("mlp", "tensor"),
+      ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None), ("vocab", "tensor"),
+      ("length", None), ("cache_length", None), ("layers", None), ("norm", None))
+  c.data.score_batch_size = 64  # a multiple of the 32-way batch split
+
+  c.rl.rollout_micro_batch = 64
+  c.rl.train_micro_batch = 4
+
+  c.compile_check = dict(
+      platform="tpu", topology="v5e:16x16", chip_config_name="default",
+      chips_per_host_bounds=(2, 2, 1), accelerator_type="v5litepod-256", num_devices=256,
+      device_kind="TPU v5 lite", num_processes=64, hbm_bytes=16 * GiB, hbm_fraction=0.9,
+      hf_config=tpu_v4.R1_DISTILL_QWEN_14B,
+      stated_gib=dict(params=0.21, grads=0.21, optimizer=0.43, compute_params=0.11,
+                      kv_cache=4.88))
+  return c

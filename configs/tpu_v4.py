@@ -37,10 +37,10 @@ figures; tests check them against an eval_shape count:
   grads           the same layout, x2 while accumulating (running sum + micro-batch's) = 2 x 0.86
   optimizer       Adam mu + nu, P x 8 B / 64                                    = 1.72 GiB
   compute_params  the bf16 copy the sampler casts once per call, P x 2 B / 64    = 0.43 GiB
-  kv_cache        decode, one rollout micro-batch of 16 contexts x G=8 = 128 rows over the
-                  16-way batch split = 8 rows per chip, (5,120 + 8,192) slots, 8 KV heads / 4
+  kv_cache        decode, one rollout micro-batch of 32 contexts x G=8 = 256 rows over the
+                  16-way batch split = 16 rows per chip, (5,120 + 8,192) slots, 8 KV heads / 4
                   tensor, head_dim 128, k and v, 48 layers, bf16:
-                  8 x 13,312 x 2 x 128 x 2 x 2 B x 48                           = 4.88 GiB
+                  16 x 13,312 x 2 x 128 x 2 x 2 B x 48                          = 9.75 GiB
   train state during the whole step: params + Adam + 2 grads = 4.31 GiB.
 Activations, train step (remat per layer): a micro-step of 2 contexts x G=8 = 16 rows puts ONE
 response row on each chip (8,191 positions): its residual stream saved at each of 48 layers,
@@ -86,7 +86,7 @@ def get_config():
   c.mesh.update(data=1, fsdp=16, tensor=4)
   c.data.score_batch_size = 64  # a multiple of the 16-way batch split
 
-  c.rl.rollout_micro_batch = 16
+  c.rl.rollout_micro_batch = 32
   c.rl.train_micro_batch = 2
 
   c.compile_check = dict(
@@ -95,5 +95,5 @@ def get_config():
       device_kind="TPU v4", num_processes=16, hbm_bytes=32 * GiB, hbm_fraction=0.9,
       hf_config=R1_DISTILL_QWEN_14B,
       stated_gib=dict(params=0.86, grads=0.86, optimizer=1.72, compute_params=0.43,
-                      kv_cache=4.88))
+                      kv_cache=9.75))
   return c

@@ -49,8 +49,10 @@ response row on each chip (8,191 positions): its residual stream saved at each o
 the prefill of both contexts (2 contexts cannot be split 16 ways, so every chip runs it: 2 x
 5,120 x 5,120 x 2 B x 48 = 4.7 GiB of saved residuals). More contexts per
 micro-step multiply all of it: 16 contexts (1 per batch shard, what rpt_jax.validate asks for
-today) need ~65 GiB of temporaries. Compiled figures: `python -m rpt_jax.compile_check
---config=configs/tpu_v4.py` (and the issue "Pods" report).
+today) need ~65 GiB of temporaries.
+Compiled for v4:4x4x4 (libtpu 0.0.42.1, `python -m rpt_jax.compile_check
+--config=configs/tpu_v4.py`), per chip incl. the resident Adam state while sampling:
+train_step 20.9 GiB, sampler_prefill 5.2 GiB, sampler_decode 21.3 GiB (of a 28.8 GiB budget).
 Host layout: each 4-chip tensor group spans 2 hosts, so 2 processes hold each batch shard; see
 the compile check's warning about rpt_jax.train's per-process batches.
 """

@@ -58,6 +58,12 @@ def main(argv) -> None:
   workdir = _WORKDIR.value or config.workdir
   if not workdir:
     raise app.UsageError("--workdir is required (or set the config's `workdir`).")
+  if _MODE.value == "compile_check":
+    # Compiles for the config's TARGET devices (a described TPU slice), not this machine's, so
+    # this machine's device count must not be validated against the config's mesh.
+    from rpt_jax import compile_check
+    print(json.dumps(compile_check.check_run_config(config), indent=2, default=str))
+    return
   initialize_distributed(config)
   try:
     _run(config, workdir, _MODE.value)
@@ -71,11 +77,6 @@ def _run(config, workdir: str, mode: str) -> None:
   from rpt_jax import pipeline  # After validation: imports the heavy machinery.
 
   run = pipeline.Run(config, workdir)
-  if mode == "compile_check":
-    from rpt_jax import compile_check
-    report = compile_check.check_run_config(config, run.mesh, run.rules)
-    print(json.dumps(report, indent=2))
-    return
   result = {
       "all": run.run_all,
       "prepare": run.prepare,

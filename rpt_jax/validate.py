@@ -60,8 +60,12 @@ def validate_config(config: ml_collections.ConfigDict, *, mode: str, num_devices
            "processes; each process feeds an equal share.")
   for name in ("rollout_micro_batch", "train_micro_batch"):
     micro = min(rl[name], rl.batch_contexts)
-    _require(rl.batch_contexts % micro == 0 and micro % ways == 0,
-             f"rl.{name}={rl[name]} must divide rl.batch_contexts={rl.batch_contexts} and be a "
+    # The train step shards rollout rows (micro x G); prompts are replicated when there are
+    # fewer contexts than batch shards.
+    rows = micro * rl.num_generations if name == "train_micro_batch" else micro
+    _require(rl.batch_contexts % micro == 0 and rows % ways == 0,
+             f"rl.{name}={rl[name]} must divide rl.batch_contexts={rl.batch_contexts} and "
+             f"{'times rl.num_generations ' if name == 'train_micro_batch' else ''}be a "
              f"multiple of the {ways}-way batch split.")
   _require(rl.temperature >= 0, f"rl.temperature={rl.temperature} must be >= 0.")
   _require(0 < rl.top_p <= 1.0, f"rl.top_p={rl.top_p} must be in (0, 1].")

@@ -54,7 +54,8 @@ BAD = [
     (dict(rl__batch_contexts=12, rl__rollout_micro_batch=12, rl__train_micro_batch=12),
      "rl.batch_contexts=12 is not divisible by the 8-way batch split"),
     (dict(rl__rollout_micro_batch=12), "rl.rollout_micro_batch=12 must divide"),  # 16 % 12
-    (dict(rl__train_micro_batch=4), "rl.train_micro_batch=4 must divide"),  # 4 % 8-way split
+    # 1 context x G=4 rows cannot split 8 ways (2 contexts x 4 rows can: prompts replicate).
+    (dict(rl__num_generations=4, rl__train_micro_batch=1), "rl.train_micro_batch=1 must divide"),
     (dict(rl__temperature=-0.1), "rl.temperature=-0.1"),
     (dict(rl__top_p=0.0), "rl.top_p=0.0"),
     (dict(rl__top_p=1.5), "rl.top_p=1.5"),

@@ -37,6 +37,7 @@ micro_batch * 18 GiB / (data * fsdp * min(tensor, KVH)) fits beside the weights 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -85,6 +86,12 @@ class Sampler:
   def __init__(self, model: Transformer, *, mesh: Mesh | None = None,
                rules: mesh_lib.ShardingRules | None = None, pad_id: int = 0):
     self.graphdef, self.params = nnx.split(model)
+    if model.config.remat != "none":
+      # Generation never differentiates, and remat inside the decode while_loop fails to trace
+      # ("Cannot mutate Param from a different trace level"): same params, remat-free structure.
+      plain = dataclasses.replace(model.config, remat="none")
+      self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(
+          plain, rngs=nnx.Rngs(0), mesh=model.mesh, rules=model.rules)))
     self.config = model.config
     self.mesh, self.rules, self.pad_id = mesh, rules or mesh_lib.ShardingRules(), int(pad_id)
     self._fns: dict[tuple, Any] = {}

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rpt_jax.model import hf_io  # noqa: E402
 from rpt_jax.model.config import ModelConfig  # noqa: E402
 from rpt_jax.model.transformer import Transformer  # noqa: E402
+from timing import best_time, matmul_peak  # noqa: E402  (benchmarks/timing.py)
 
 CONFIG = ModelConfig(family="qwen2", vocab_size=32000, hidden_size=768, intermediate_size=2048,
                      num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64,
@@ -38,30 +39,13 @@ CONFIG = ModelConfig(family="qwen2", vocab_size=32000, hidden_size=768, intermed
                      rope_theta=1e6, rms_norm_eps=1e-6)
 
 
-def best_time(fn, iters: int) -> float:
-  """Best wall time of `iters` calls after one warm-up (compile) call."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return min(times)
-
-
 PEAK_SHAPES = ((2048, 2048, 2048), (4096, 4096, 4096), (4096, 768, 32000))
 
 
-def matmul_peak(iters: int = 5) -> float:
-  """Measured fp32 FLOP/s: the best jitted [m,k]@[k,n] over PEAK_SHAPES (2048^3, 4096^3 and the
-  model's lm_head shape), best of `iters` each; the CPU is shared, so the best is the peak."""
-  mm = jax.jit(lambda x, y: x @ y)
-  best = 0.0
-  for m, k, n in PEAK_SHAPES:
-    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
-    best = max(best, 2 * m * k * n / best_time(lambda: mm(a, b), iters))
-  return best
+def forward_matmul_peak(iters: int = 5) -> float:
+  """fp32 peak over 2048^3, 4096^3 and the model's lm_head shape; the CPU is shared, so the
+  best is the peak."""
+  return matmul_peak(PEAK_SHAPES, "float32", iters)
 
 
 def bench_forward(model: Transformer, batch: int, length: int, iters: int) -> float:
@@ -133,9 +117,9 @@ def main():
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   tokens = args.batch * args.length
   flops = cfg.flops_per_token(args.length) * tokens
-  peak = matmul_peak()
+  peak = forward_matmul_peak()
   t_ours = bench_forward(model, args.batch, args.length, args.iters)
-  peak = max(peak, matmul_peak())  # Measured before and after: other load on the CPU varies.
+  peak = max(peak, forward_matmul_peak())  # Measured before and after: other load on the CPU varies.
   print(f"\nmodel: qwen2 {cfg.num_params() / 1e6:.1f}M params, forward {args.batch} x {args.length} "
         f"tokens, {cfg.flops_per_token(args.length) / 1e6:.1f} MFLOP/token (incl. attention)")
   print(f"fp32 matmul peak (best of 2048^3, 4096^3, 4096x768x32000): {peak / 1e9:.1f} GFLOP/s\n")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +45,7 @@ from rpt_jax.model.config import ModelConfig  # noqa: E402
 from rpt_jax.model.transformer import Transformer  # noqa: E402
 from rpt_jax.rl import optim, update  # noqa: E402
 from rpt_jax.rl.loss import LossConfig  # noqa: E402
+from timing import best_time, matmul_peak  # noqa: E402  (benchmarks/timing.py)
 
 MIB = 2 ** 20
 PRESETS = {
@@ -57,25 +57,6 @@ PRESETS = {
                              num_kv_heads=2, head_dim=64, vocab_size=8192),
                   groups=4, generations=8, prompt=128, completion=32, matmul=2048),
 }
-
-
-def best_time(fn, iters: int) -> float:
-  """Best wall time of `iters` calls after one warm-up (compile) call; fn returns a pytree."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return min(times)
-
-
-def matmul_peak(n: int, dtype: str, iters: int = 10) -> float:
-  """Measured FLOP/s of a jitted n^3 matmul in `dtype` (best of `iters`)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  mm = jax.jit(lambda x, y: x @ y)
-  return 2 * n ** 3 / best_time(lambda: mm(a, b), iters)
 
 
 def train_flops(cfg: ModelConfig, b: int, g: int, lp: int, n: int, shared: bool) -> float:
@@ -137,7 +118,8 @@ def main():
   dev = jax.devices()[0]
   print(f"JAX {jax.__version__} on {dev.device_kind} ({jax.default_backend()}) x"
         f"{jax.device_count()}; {os.cpu_count()} host cores")
-  peak = matmul_peak(preset["matmul"], args.compute_dtype)
+  n = preset["matmul"]
+  peak = matmul_peak(((n, n, n),), args.compute_dtype, iters=10)
   print(f"model: qwen2 {cfg.num_params() / 1e6:.1f}M params, compute {cfg.compute_dtype}, "
         f"remat {cfg.remat}; batch: {b} contexts x G={g}, prompt {lp}, completion {n}, "
         f"micro-batch {micro} contexts, log-prob chunk {args.logprob_chunk}")

@@ -36,6 +36,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rpt_jax.registry import Registry
+
 DEFAULT_BUCKET_THRESHOLDS = (0.5, 1.0, 1.5)
 
 
@@ -239,19 +241,10 @@ def score_documents(scorer: ProxyScorer, documents: Sequence[np.ndarray], *, ove
 # Filters.
 
 FilterFn = Callable[[np.ndarray, np.ndarray, np.ndarray, float, np.random.Generator], np.ndarray]
-FILTERS: dict[str, FilterFn] = {}
-
-
-def register_filter(name: str) -> Callable[[FilterFn], FilterFn]:
-  """Registers `fn(entropy_T, correct_T, eligible_T, threshold, rng) -> keep_T` as `name`."""
-
-  def wrap(fn: FilterFn) -> FilterFn:
-    if name in FILTERS:
-      raise ValueError(f"position filter {name!r} is already registered.")
-    FILTERS[name] = fn
-    return fn
-
-  return wrap
+FILTERS: Registry[FilterFn] = Registry("position filter",
+                                      "rpt_jax.data.filtering.register_filter")
+# Registers `fn(entropy_T, correct_T, eligible_T, threshold, rng) -> keep_T` as `name`.
+register_filter = FILTERS.register
 
 
 @register_filter("entropy")
@@ -280,13 +273,7 @@ def _all_filter(entropy, correct, eligible, threshold, rng):
   return eligible.copy()
 
 
-def get_filter(name: str) -> FilterFn:
-  try:
-    return FILTERS[name]
-  except KeyError:
-    raise ValueError(
-        f"unknown position filter {name!r}; registered: {sorted(FILTERS)} (add one with "
-        "rpt_jax.data.filtering.register_filter).") from None
+get_filter = FILTERS.get
 
 
 def document_rng(seed: int, doc_id: int) -> np.random.Generator:

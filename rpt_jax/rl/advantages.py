@@ -19,22 +19,15 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from rpt_jax.registry import Registry
+
 # An estimator maps rewards [num_groups, G] (fp32) and eps to advantages [num_groups, G].
 AdvantageFn = Callable[[jax.Array, float], jax.Array]
 
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
-
-
-def register_advantage_estimator(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-  """Decorator: registers `fn(rewards_GroupsG, eps) -> advantages_GroupsG` under `name`."""
-
-  def wrap(fn: AdvantageFn) -> AdvantageFn:
-    if name in ADVANTAGE_ESTIMATORS:
-      raise ValueError(f"advantage estimator {name!r} is already registered; pick another name.")
-    ADVANTAGE_ESTIMATORS[name] = fn
-    return fn
-
-  return wrap
+ADVANTAGE_ESTIMATORS: Registry[AdvantageFn] = Registry(
+    "advantage estimator", "rpt_jax.rl.advantages.register_advantage_estimator")
+# Decorator: registers `fn(rewards_GroupsG, eps) -> advantages_GroupsG` under `name`.
+register_advantage_estimator = ADVANTAGE_ESTIMATORS.register
 
 
 @register_advantage_estimator("grpo")
@@ -82,15 +75,12 @@ def group_advantages(rewards_N: jax.Array, group_size: int, estimator: str = "gr
     estimator: a name in `ADVANTAGE_ESTIMATORS` ('grpo', 'drgrpo', 'rloo', ...).
     eps: added to the group std by 'grpo' (a group whose rewards are all equal gets 0).
   """
-  if estimator not in ADVANTAGE_ESTIMATORS:
-    raise ValueError(
-        f"unknown advantage estimator {estimator!r}; choose one of "
-        f"{sorted(ADVANTAGE_ESTIMATORS)} or register one with register_advantage_estimator.")
+  estimate = ADVANTAGE_ESTIMATORS.get(estimator)  # Raises for an unknown name.
   if estimator == "rloo" and group_size < 2:
     raise ValueError(f"estimator 'rloo' needs group_size >= 2 (got {group_size}): it compares "
                      "each rollout with the mean of the other rollouts of its group.")
   rewards_NG = _grouped(rewards_N, group_size)
-  return ADVANTAGE_ESTIMATORS[estimator](rewards_NG, eps).reshape(-1)
+  return estimate(rewards_NG, eps).reshape(-1)
 
 
 def zero_spread_groups(rewards_N: jax.Array, group_size: int) -> jax.Array:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from rpt_jax.mesh import ShardingRules
+from rpt_jax.registry import Registry
 from rpt_jax.rl.advantages import (ADVANTAGE_ESTIMATORS, group_advantages,  # noqa: F401
                                    register_advantage_estimator, zero_spread_groups)
 
@@ -205,19 +206,9 @@ def _chunk_stats(h_CD, w_DV, tgt_C, *, temperature, vocab_size, vocab_axes, voca
 
 # name -> fn(per_token_BT, mask_BT (fp32), config) -> (loss_sum, denominator).
 Aggregation = Callable[[jax.Array, jax.Array, "LossConfig"], tuple[jax.Array, jax.Array]]
-AGGREGATIONS: dict[str, Aggregation] = {}
-
-
-def register_aggregation(name: str) -> Callable[[Aggregation], Aggregation]:
-  """Decorator: registers a loss aggregation under `name`."""
-
-  def wrap(fn: Aggregation) -> Aggregation:
-    if name in AGGREGATIONS:
-      raise ValueError(f"aggregation {name!r} is already registered; pick another name.")
-    AGGREGATIONS[name] = fn
-    return fn
-
-  return wrap
+AGGREGATIONS: Registry[Aggregation] = Registry("aggregation",
+                                               "rpt_jax.rl.loss.register_aggregation")
+register_aggregation = AGGREGATIONS.register
 
 
 @register_aggregation("token-mean")

@@ -5,15 +5,16 @@ Compiles (never runs) jax.grad of  sum(c * logp) + sum(entropy)  w.r.t. hidden a
   * unchunked:  full [B, T, V] logits + log_softmax (the baseline it replaces),
   * vocab-par.: the chunked path under a (fsdp=2, tensor=4) mesh of 8 simulated devices,
 and prints XLA's `memory_analysis().temp_size_in_bytes` beside the size of one fp32 logits
-tensor of [B, chunk, V] and of [B, T, V]. Temp bytes exclude arguments and outputs (the [D, V]
+tensor of [chunk, V] (a chunk is `--chunk` positions of the flattened B x T) and of [B, T, V].
+Temp bytes exclude arguments and outputs (the [D, V]
 unembed gradient is an output). The sharded row is per device.
 
   python benchmarks/loss_memory.py                      # B=8 T=1024 D=256 chunk=128, both vocabs
   python benchmarks/loss_memory.py --vocab 151936 --chunk 256
 
-Measured (CPU, jax 0.10.2, defaults): V=151,936: chunked 1,797 MiB (3.0 x B*C*V*4) vs unchunked
-14,244 MiB (3.0 x B*T*V*4); per device under fsdp2 x tensor4: 301 MiB. V=8,192: 113 vs 768 MiB.
-Chunked temp grows linearly with --chunk (32: 461 MiB, 256: 3,577 MiB) and not with T.
+Measured (CPU, jax 0.10.2, defaults, chunks over rows x tokens): V=151,936: chunked 223 MiB
+(3.0 x C*V*4) vs unchunked 14,244 MiB (3.0 x B*T*V*4); per device under fsdp2 x tensor4: 111 MiB.
+V=8,192: 12 vs 768 MiB. Chunked temp grows with --chunk, not with B or T.
 """
 
 from __future__ import annotations
@@ -72,12 +73,12 @@ def main():
 
   print(f"backend={jax.default_backend()} devices={jax.device_count()} jax={jax.__version__} "
         f"B={b} T={t} D={d} chunk={c} (fp32, forward+backward, compile-only)")
-  header = (f"{'vocab':>7} | {'variant':<26} | {'temp MiB':>9} | {'B*C*V*4 MiB':>11} | "
-            f"{'B*T*V*4 MiB':>11} | {'temp/(B*C*V*4)':>14}")
+  header = (f"{'vocab':>7} | {'variant':<26} | {'temp MiB':>9} | {'C*V*4 MiB':>11} | "
+            f"{'B*T*V*4 MiB':>11} | {'temp/(C*V*4)':>14}")
   print(header)
   print("-" * len(header))
   for v in args.vocab:
-    chunk_logits = b * c * v * 4
+    chunk_logits = c * v * 4  # One [chunk, V] fp32 logits block.
     full_logits = b * t * v * 4
     rows = [
         ("chunked", _temp_bytes(
@@ -96,7 +97,7 @@ def main():
               lambda h, w, tg: token_logprobs_and_entropy(
                   h, w, tg, temperature=tau, chunk_size=c, mesh=mesh),
               b, t, d, v, shardings),
-          (b // 2) * c * (v // 4) * 4))  # Per device: B / fsdp rows, V / tensor columns.
+          c * (v // 4) * 4))  # Per device: one chunk of V / tensor columns.
     for name, temp, unit in rows:
       print(f"{v:>7} | {name:<26} | {temp / MIB:>9.1f} | {unit / MIB:>11.1f} | "
             f"{full_logits / MIB:>11.1f} | {temp / unit:>14.2f}")

@@ -438,8 +438,7 @@ def estimate_memory(config: ml_collections.ConfigDict, model_config: ModelConfig
   out["optimizer"] = opt_bytes
   sh = _run_shapes(config)
   rows = sh["rollout_contexts"] * sh["generations"]
-  cache_shape = (rows, sh["prompt_len"] + sh["new_tokens"], model_config.num_kv_heads,
-                 model_config.head_dim)
+  cache_shape = KVCache.shape(model_config, rows, sh["prompt_len"] + sh["new_tokens"])
   spec = rules.spec(KVCache.LOGICAL_AXES, cache_shape, fake)
   out["kv_cache"] = 2 * model_config.num_layers * _shard_bytes(
       cache_shape, model_config.compute_dtype, spec, mesh_shape)

@@ -12,15 +12,14 @@
 Shapes never depend on data: one compile per (micro-batch B, L, N, G, sampling method, EOS ids);
 fresh parameters every call (`params=`) reuse the compiled programs. The cache is born and dies
 inside the decode program, and the per-step scatter of the new keys/values updates the loop
-carry in place. (On CPU the model's attention still copies the cache into the [B, KVH, S, Dh]
-order XLA's batched dot wants, every step: about a third of a CPU decode step.) Weights are cast
-to the compute dtype once, before the loop.
+carry in place; the cache is stored [B, KVH, S, Dh], the order attention reads it in, so no
+step copies it. Weights are cast to the compute dtype once, before the loop.
 
 Randomness: the token drawn at step t for global row r uses fold_in(fold_in(rng, t), r) (see
 `sampling.row_uniforms`), so results do not depend on the micro-batch size or the mesh.
 
 Sharding (with a mesh): the batch over ('data', 'fsdp'), params by their logical axes under
-`rules`, the cache as ('batch', 'cache_length', 'kv_heads', 'head_dim') (kv_heads over 'tensor').
+`rules`, the cache by KVCache.LOGICAL_AXES (kv_heads over 'tensor').
 Keep micro_batch (prefill rows) and micro_batch * G (decode rows) multiples of data * fsdp, or
 those programs run replicated over the batch axes. XLA hoists the fsdp all-gathers of the
 weights out of the decode loop: during decode each device holds params / tensor, not
@@ -79,7 +78,7 @@ class Sampler:
 
   model: split once into (graphdef, params) here. mesh/rules: shard the batch over the mesh's
   batch rule ('data', 'fsdp'), params by their logical axes, the cache by
-  ('batch', 'cache_length', 'kv_heads', 'head_dim'); None runs unsharded.
+  KVCache.LOGICAL_AXES; None runs unsharded.
   pad_id: written after EOS (and into dummy rows of the last micro-batch).
   """
 

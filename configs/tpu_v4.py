@@ -53,8 +53,9 @@ today) need ~65 GiB of temporaries.
 Compiled for v4:4x4x4 (libtpu 0.0.42.1, `python -m rpt_jax.compile_check
 --config=configs/tpu_v4.py`), per chip incl. the resident Adam state while sampling:
 train_step 20.9 GiB, sampler_prefill 5.2 GiB, sampler_decode 21.3 GiB (of a 28.8 GiB budget).
-Host layout: each 4-chip tensor group spans 2 hosts, so 2 processes hold each batch shard; see
-the compile check's warning about rpt_jax.train's per-process batches.
+Host layout: each tensor group spans hosts, so several processes hold each batch shard (the
+report's `hosts_per_batch_shard`); they read the same rows of every global batch
+(`rpt_jax.train.process_batch_rows`), as tests/test_multihost.py checks on 2 CPU processes.
 """
 
 import os

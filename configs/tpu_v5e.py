@@ -32,8 +32,9 @@ the residuals and cuts the scores by 3x. A fused attention kernel (no [N, S] sco
 Compiled for v5e:16x16 (libtpu 0.0.42.1, `python -m rpt_jax.compile_check
 --config=configs/tpu_v5e.py`), per chip incl. the resident Adam state while sampling:
 train_step 11.2 GiB, sampler_prefill 7.7 GiB, sampler_decode 5.1 GiB (of a 14.4 GiB budget).
-Host layout: each 8-chip tensor group spans hosts (4 chips per v5e host); see the compile
-check's warning about rpt_jax.train's per-process batches.
+Host layout: each tensor group spans hosts, so several processes hold each batch shard (the
+report's `hosts_per_batch_shard`); they read the same rows of every global batch
+(`rpt_jax.train.process_batch_rows`), as tests/test_multihost.py checks on 2 CPU processes.
 """
 
 import os

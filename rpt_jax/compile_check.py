@@ -30,8 +30,9 @@ for memory is reported (its temporaries from the error, fits=False), not raised.
 
 The mesh is built as a run builds it (`jax.make_mesh`), so a mesh shape the slice cannot lay out
 is an error here too. Also reported: whether `rpt_jax.validate` accepts the config (the figures
-are produced either way), and a warning when a batch shard spans hosts (the per-process batch
-assembly in `rpt_jax.train` needs each batch shard on one process).
+are produced either way), and how many processes hold each batch shard (`hosts_per_batch_shard`:
+above 1 when the tensor axis crosses hosts; those processes then read identical rows, which
+`rpt_jax.train.process_batch_rows` arranges and tests/test_multihost.py checks).
 
 The target, in the config (see configs/tpu_v4.py):
 
@@ -71,7 +72,7 @@ from jax.sharding import Mesh, PartitionSpec
 from rpt_jax import mesh as mesh_lib
 from rpt_jax import validate
 from rpt_jax.model.config import ModelConfig
-from rpt_jax.model.transformer import KVCache, Transformer
+from rpt_jax.model.transformer import KVCache, Transformer, tracing_for_platform
 
 GiB = 2**30
 
@@ -217,9 +218,9 @@ def _mesh_over(devices: Sequence[jax.Device], shape: tuple[int, ...], where: str
 def shared_batch_shards(mesh: Mesh, rules: mesh_lib.ShardingRules) -> int:
   """The most processes that hold one batch shard (1 when every host feeds distinct rows).
 
-  rpt_jax.train builds each global batch from per-process rows
-  (`jax.make_array_from_process_local_data`), which needs every shard of the batch to live on
-  ONE process; a tensor axis that crosses hosts breaks that.
+  Above 1 when a non-batch axis (tensor) crosses hosts: those processes must feed identical
+  rows to `jax.make_array_from_process_local_data`, which `rpt_jax.train.process_batch_rows`
+  arranges (every process of a shard gets the same row set).
   """
   batch_axes = mesh_lib._as_tuple(rules.mesh_axes("batch"))  # pylint: disable=protected-access
   other = [i for i, a in enumerate(mesh.axis_names) if a not in batch_axes]
@@ -546,14 +547,8 @@ def check_run_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None
       "estimate_gib": {k: _gib(v) for k, v in estimate.items()},
       "programs": {},
   }
-  warnings = []
-  if target.mesh is not None and shared_batch_shards(target.mesh, rules) > 1:
-    warnings.append(
-        f"each batch shard is held by {shared_batch_shards(target.mesh, rules)} processes (a "
-        "non-batch mesh axis crosses hosts): rpt_jax.train's per-process batches "
-        "(jax.make_array_from_process_local_data) need every batch shard on one process, or "
-        "identical rows from the processes that share it.")
-  report["warnings"] = warnings
+  if target.mesh is not None:
+    report["target"]["hosts_per_batch_shard"] = shared_batch_shards(target.mesh, rules)
   # The train state outlives a step: while the sampler runs, the optimiser state (not an input
   # of the sampler programs) still occupies HBM.
   resident = {"sampler_prefill": estimate["optimizer"], "sampler_decode": estimate["optimizer"],
@@ -574,7 +569,8 @@ def check_run_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None
       start = time.perf_counter()
       entry: dict[str, Any] = {}
       try:  # One program at a time: compiling a 14B model's step takes GBs of host memory.
-        lowered = lower_programs(config, model_config, target.mesh, rules, (name,))[name]
+        with tracing_for_platform(target.mesh.devices.flat[0].platform):
+          lowered = lower_programs(config, model_config, target.mesh, rules, (name,))[name]
         compiled = lowered.compile()
         del lowered
         figures = _memory_figures(compiled)

@@ -119,6 +119,8 @@ def main() -> None:
   p.add_argument("--local_devices", type=int, default=4)
   p.add_argument("--train_steps", type=int, default=4)
   p.add_argument("--dynamic_from", type=int, default=0)
+  p.add_argument("--mesh", default="1,-1,1",
+                 help="data,fsdp,tensor sizes; 1,1,4 on 2 processes puts tensor across them")
   p.add_argument("--out", required=True)
   p.add_argument("--across", default="", help="workdir of another layout's run to resume")
   p.add_argument("--snapshot", default="",
@@ -132,6 +134,7 @@ def main() -> None:
 
   jax.config.update("jax_default_matmul_precision", "highest")
   config = micro_config(args.train_steps, args.dynamic_from)
+  config.mesh.update(dict(zip(("data", "fsdp", "tensor"), map(int, args.mesh.split(",")))))
   if args.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     config.distributed.update(coordinator_address=f"127.0.0.1:{args.port}",

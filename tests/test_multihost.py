@@ -213,9 +213,12 @@ def runs(tmp_path_factory):
                        (f"--across={across}",)).results()
   out["back"] = _Launch("back", _copy(path("two"), path("back"), drop=(last_ckpt,)),
                         "train,eval", 1, logs, cache).results()
+  # Tensor across the two processes: both hold every batch row, so they must feed identical rows.
+  out["tensor"] = _Launch("tensor", _copy(path("prepared"), path("tensor"), drop=("tokenizer",)),
+                          "train,eval", 2, logs, cache, ("--mesh=1,1,4",)).results()
   out["dirs"] = {name: path(name) for name in ("prepared", "one", "two", "back", "across")}
   out["across"] = [{"metrics": out["two"][0]["across_metrics"]}]
-  print({name: round(out[name][0]["wall_s"], 1) for name in ("one", "two", "back")})
+  print({name: round(out[name][0]["wall_s"], 1) for name in ("one", "two", "back", "tensor")})
   return out
 
 
@@ -272,6 +275,15 @@ def test_two_processes_log_the_single_process_numbers(runs):
   assert two["eval"] == one["eval"]  # Every process evaluates the same positions: exact.
   assert runs["two"][1]["eval"] == two["eval"]
   _assert_rows_close(_rows(one, "eval")[STEPS], _rows(two, "eval")[STEPS], "eval")
+
+
+def test_processes_that_share_batch_shards_log_the_single_process_numbers(runs):
+  # mesh 1x1x4 over 2 processes: every device holds every row (tensor crosses the hosts), so
+  # each process feeds and scores all 8 rows, identically.
+  tensor = runs["tensor"]
+  assert [r["batch_rows"] for r in tensor] == [list(range(8))] * 2
+  _assert_same_training(runs["one"][0], tensor[0], range(STEPS), "tensor across processes")
+  assert tensor[0]["eval"] == tensor[1]["eval"] == runs["one"][0]["eval"]
 
 
 def test_two_processes_prepare_the_same_records(runs):

@@ -14,7 +14,9 @@ differentiable, so a context prefilled once can receive gradients from G complet
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import contextlib
+import contextvars
+from typing import Any, ClassVar, Iterator
 
 import flax.struct
 import jax
@@ -30,6 +32,32 @@ Array = jax.Array
 # instead of NaN, which would otherwise leak into gradients.
 _MASKED = -1e30
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# The platform the attention code is traced for; None: this process's default backend.
+_TRACE_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "rpt_jax_trace_platform", default=None)
+
+
+@contextlib.contextmanager
+def tracing_for_platform(platform: str) -> Iterator[None]:
+  """Traces model code for `platform` ('cpu', 'tpu', 'gpu') instead of the default backend.
+
+  Attention picks its formulation by platform (XLA:CPU gets row-chunked scores and a
+  multiply-reduce decode step); a program compiled ahead of time for a TPU from a CPU host
+  (`rpt_jax.compile_check`) must be traced as the TPU will run it, or its memory figures are
+  those of the CPU formulation (e.g. an fp32 copy of each layer's KV cache per decode step).
+  JAX caches traces by function and argument shapes, not by this setting: trace functions made
+  inside the block (compile_check builds fresh jitted programs).
+  """
+  token = _TRACE_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TRACE_PLATFORM.reset(token)
+
+
+def trace_platform() -> str:
+  """The platform model code is being traced for (see `tracing_for_platform`)."""
+  return _TRACE_PLATFORM.get() or jax.default_backend()
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -202,7 +230,7 @@ def attend(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, allowed: Array) -> Array
   broadcastable to [B, KVH, G, L, S] (e.g. [B, 1, 1, L, S]): may query l read key s.
   """
   b, l, n, h = q_BLNH.shape
-  if jax.default_backend() == "cpu":
+  if trace_platform() == "cpu":
     if l == 1:
       kvh = k_BKSH.shape[1]
       return _attend_one_query(q_BLNH.reshape(b, kvh, n // kvh, h), k_BKSH, v_BKSH,

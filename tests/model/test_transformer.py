@@ -285,3 +285,37 @@ def test_init_model_sharded_equals_unsharded():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),  # jit vs eager ulps.
                nnx.to_pure_dict(nnx.state(sharded)), nnx.to_pure_dict(nnx.state(plain)))
   assert np.std(np.asarray(plain.embed.value)) == pytest.approx(0.02, rel=0.1)
+
+
+@pytest.mark.parametrize("queries", [1, 5])
+def test_attention_traced_for_another_platform_computes_the_same(queries):
+  # compile_check traces programs for a TPU on this CPU: the TPU formulation (two batched dots,
+  # no fp32 copy of the keys) must be the one traced, and give the CPU path's numbers.
+  rng = np.random.RandomState(3)
+  b, n, kvh, s, h = 2, 4, 2, 7, 8
+  q = jnp.asarray(rng.randn(b, queries, n, h), jnp.float32)
+  k, v = (jnp.asarray(rng.randn(b, kvh, s, h), jnp.float32) for _ in range(2))
+  allowed = jnp.asarray(rng.rand(b, 1, 1, queries, s) > 0.3).at[..., 0].set(True)
+  # A new function per trace: JAX caches traces by function, not by the traced-for platform.
+  dots = lambda: sum(e.primitive.name == "dot_general" for e in jax.make_jaxpr(  # noqa: E731
+      lambda *xs: transformer.attend(*xs))(q, k, v, allowed).eqns)
+  assert transformer.trace_platform() == "cpu"
+  here = transformer.attend(q, k, v, allowed)
+  with transformer.tracing_for_platform("tpu"):
+    assert transformer.trace_platform() == "tpu"
+    there = transformer.attend(q, k, v, allowed)
+    assert dots() == 2
+  assert transformer.trace_platform() == "cpu"
+  if queries == 1:
+    assert dots() == 0  # XLA:CPU's multiply-reduce decode step
+  # Reference: softmax over allowed keys in numpy, query head j reads KV head j // (n // kvh).
+  qn, kn, vn, an = (np.asarray(x, np.float64) for x in (q, k, v, allowed))
+  kq = np.repeat(kn, n // kvh, axis=1)
+  vq = np.repeat(vn, n // kvh, axis=1)
+  scores = np.einsum("blnh,bnsh->bnls", qn, kq) / np.sqrt(h)
+  scores = np.where(an[:, 0, 0][:, None].astype(bool), scores, -np.inf)  # [b, 1, L, S] mask
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  want = np.einsum("bnls,bnsh->blnh", weights, vq)
+  np.testing.assert_allclose(np.asarray(here), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(there), want, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,9 @@
 """Turns a run config into the concrete pieces a run needs: mesh, tokenizer, policy, data configs.
 
 The loops (`pretrain`, `train`, `evaluate`) take these objects, never the config, so each stays
-testable alone. Workdir layout (everything a run writes lives under `--workdir`):
+testable alone. Workdir layout (everything a run writes lives under `--workdir`; for a gs://
+workdir, Orbax writes the checkpoints to the bucket directly and the rest goes through the
+bucket's gcsfuse mount, see rpt_jax.run_dir):
 
     tokenizer/spm.model      SentencePiece model trained on the corpus (offline default only)
     pretrain/checkpoints/    policy after `pretrain` mode (Orbax)

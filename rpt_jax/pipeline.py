@@ -19,6 +19,7 @@ from flax import nnx
 
 from rpt_jax import assemble, evaluate as evaluate_lib
 from rpt_jax import mesh as mesh_lib
+from rpt_jax import run_dir
 from rpt_jax import checkpoint as checkpoint_lib
 from rpt_jax import pretrain as pretrain_lib
 from rpt_jax import train as train_lib
@@ -37,8 +38,11 @@ class Run:
 
   def __init__(self, config, workdir: str, *, progress: bool = True):
     self.config, self.workdir, self.progress = config, workdir, progress
+    # Checkpoints (Orbax) go to `workdir` as given, gs:// included; every other file goes to
+    # `files`: the same folder, through the bucket's gcsfuse mount for a gs:// workdir.
+    self.files = run_dir.files_dir(workdir)
     self.mesh, self.rules = assemble.make_run_mesh(config)
-    self.records_dir = assemble.records_dir(config, workdir)
+    self.records_dir = assemble.records_dir(config, self.files)
     self._trainer: RPTTrainer | None = None
 
   # -- pieces ------------------------------------------------------------------------------------
@@ -47,8 +51,8 @@ class Run:
   def tokenizer(self):
     if jax.process_count() > 1 and jax.process_index() != 0:
       _sync("tokenizer")  # Process 0 trains/writes it first.
-      return assemble.load_or_train_tokenizer(self.config, self.workdir)
-    tokenizer = assemble.load_or_train_tokenizer(self.config, self.workdir)
+      return assemble.load_or_train_tokenizer(self.config, self.files)
+    tokenizer = assemble.load_or_train_tokenizer(self.config, self.files)
     if jax.process_count() > 1:
       _sync("tokenizer")
     return tokenizer
@@ -89,7 +93,8 @@ class Run:
       c = self.config
       self._trainer = RPTTrainer(
           self.model, self.tokenizer, RPTConfig.from_config(c), mesh=self.mesh,
-          rules=self.rules, workdir=self.workdir, keep_checkpoints=c.train.keep_checkpoints,
+          rules=self.rules, workdir=self.workdir, files_dir=self.files,
+          keep_checkpoints=c.train.keep_checkpoints,
           progress=self.progress)
     return self._trainer
 
@@ -105,7 +110,7 @@ class Run:
     if done or c.steps <= 0:
       ckpt.close()
       return None
-    writer = MetricsWriter(self.workdir, mode="pretrain", resume_step=0)
+    writer = MetricsWriter(self.files, mode="pretrain", resume_step=0)
     config = pretrain_lib.PretrainConfig(
         steps=c.steps, batch_size=c.batch_size, seq_len=c.seq_len, learning_rate=c.learning_rate,
         warmup_steps=c.warmup_steps, reasoning_example_fraction=c.reasoning_example_fraction,
@@ -215,17 +220,17 @@ class Run:
                                    config=eval_config, rng=jax.random.key(c.seed + 1),
                                    mesh=self.mesh)
     if jax.process_index() == 0:
-      out_dir = assemble.workdir_path(self.workdir, "eval")
+      out_dir = assemble.workdir_path(self.files, "eval")
       evaluate_lib.write_report({"step": step, "label": label, "report": report}, out_dir,
                                 label)
-      MetricsWriter(self.workdir, mode="eval", tensorboard=False).write(
+      MetricsWriter(self.files, mode="eval", tensorboard=False).write(
           step, {f"{split}/{k}": v for split, r in report.items() for k, v in r.items()
                  if isinstance(v, (int, float))})
     return report
 
   def export(self, export_dir: str | None = None) -> dict:
     step = self._sync_policy_from_checkpoint()
-    path = export_dir or assemble.workdir_path(self.workdir, "export")
+    path = export_dir or assemble.workdir_path(self.files, "export")
     hf_io.save_hf(self.model, self.model_config, path)
     if jax.process_index() == 0 and hasattr(self.tokenizer, "name"):
       _copy_tokenizer(self.tokenizer, path)
@@ -236,7 +241,7 @@ class Run:
     _ = self.tokenizer
     self.pretrain()
     self.prepare()
-    before_path = os.path.join(self.workdir, "eval", "before_rpt.json")
+    before_path = os.path.join(self.files, "eval", "before_rpt.json")
     if os.path.exists(before_path):  # A resumed run keeps its first "before" measurement.
       with open(before_path) as f:
         before = json.load(f)["report"]
@@ -246,7 +251,7 @@ class Run:
     after = self.evaluate("after_rpt")
     reports = {"before RPT": before, "after RPT": after}
     if jax.process_index() == 0:
-      evaluate_lib.plot_report(reports, os.path.join(self.workdir, "eval", "before_after.png"))
+      evaluate_lib.plot_report(reports, os.path.join(self.files, "eval", "before_after.png"))
     return summary_table(before, after)
 
 

@@ -187,11 +187,12 @@ class RPTTrainer:
 
   def __init__(self, model: nnx.Module, tokenizer, config: RPTConfig, *, mesh: Mesh,
                rules: mesh_lib.ShardingRules | None = None, workdir: str,
-               checkpointer: checkpoint_lib.Checkpointer | None = None,
-               keep_checkpoints: int = 3, progress: bool = True):
+               files_dir: str | None = None,
+               checkpointer: checkpoint_lib.Checkpointer | None = None, keep_checkpoints: int = 3, progress: bool = True):
     self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
     self.rules = rules or mesh_lib.ShardingRules()
     self.workdir, self.progress = workdir, progress
+    self.files_dir = files_dir or workdir  # metrics (a local path or a gcsfuse mount of workdir)
     self.G = config.num_generations
     self.optimizer = optim.make_optimizer(**config.optimizer)
     self.graphdef, _ = update.split_params(model)
@@ -408,7 +409,7 @@ class RPTTrainer:
     from tqdm.auto import tqdm
 
     cfg = self.config
-    writer = MetricsWriter(self.workdir, mode="train", resume_step=self.step)
+    writer = MetricsWriter(self.files_dir, mode="train", resume_step=self.step)
     self.checkpointer.install_sigterm_handler()
     nonfinite, metrics = 0, {}
     bar = tqdm(total=cfg.steps, initial=self.step, desc="rpt", unit="step",

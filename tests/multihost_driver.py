@@ -99,7 +99,7 @@ def _train_across(run, config, workdir: str) -> list[dict]:
   trainer.checkpointer = checkpoint_lib.Checkpointer(
       workdir, save_interval_steps=config.train.checkpoint_every,
       max_to_keep=config.train.keep_checkpoints)
-  trainer.workdir = workdir
+  trainer.workdir = trainer.files_dir = workdir
   iterator = iter(run.train_loader())
   if not trainer.restore(iterator):
     raise FileNotFoundError(f"no checkpoint in {workdir}")

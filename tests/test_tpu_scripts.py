@@ -73,20 +73,34 @@ import json, os, sys, time
 from pathlib import Path
 Path(os.environ['HOME'], 'job.json').write_text(json.dumps(
     {{'argv': sys.argv[1:], 'cwd': os.getcwd(), 'FOO': os.environ.get('FOO'),
-      'unbuffered': os.environ.get('PYTHONUNBUFFERED')}}))
+      'unbuffered': os.environ.get('PYTHONUNBUFFERED'),
+      'mount_root': os.environ.get('RPT_GCS_MOUNT_ROOT')}}))
 print('job started on', os.environ['RPT_WORKER_ID'])
 time.sleep(120)
 '''
 
 
+# A stand-in for gcsfuse on a worker: records its arguments (it mounts nothing).
+FAKE_GCSFUSE = r'''#!{python}
+import json, os, sys
+from pathlib import Path
+with Path(os.environ['HOME'], 'gcsfuse.jsonl').open('a') as f:
+  f.write(json.dumps(sys.argv[1:]) + '\n')
+'''
+
+
 @pytest.fixture
 def env(tmp_path):
-  """An environment with the fake gcloud first on PATH and no inherited TPU settings."""
+  """An environment with the fake gcloud (and gcsfuse) first on PATH and no inherited TPU
+  settings."""
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   gcloud = bin_dir / 'gcloud'
   gcloud.write_text(FAKE_GCLOUD.format(python=sys.executable))
   gcloud.chmod(0o755)
+  gcsfuse = bin_dir / 'gcsfuse'
+  gcsfuse.write_text(FAKE_GCSFUSE.format(python=sys.executable))
+  gcsfuse.chmod(0o755)
   (tmp_path / 'tmp').mkdir()
   return {
       'PATH': f'{bin_dir}{os.pathsep}{os.environ["PATH"]}',
@@ -305,7 +319,8 @@ def test_run_exact_invocation(env):
   assert script == WORKER_SH
   assert worker_argv == ['rpt-worker', 'start', '--dir', 'rpt_jax', '--venv', 'rpt_jax_venv',
                          '--log-dir', 'rpt_jax_logs', '--env', 'FOO=bar baz',
-                         '--module', 'rpt_jax.main', '--', '--config=configs/tpu_v4.py',
+                         '--module', 'rpt_jax.main', '--mount-bucket', 'bucket',
+                         '--mount-root', 'gcs', '--', '--config=configs/tpu_v4.py',
                          '--workdir=gs://bucket/run1', '--config.train.steps=10',
                          "--note=it's $HOME"]
 
@@ -373,7 +388,11 @@ def test_run_logs_stop_on_simulated_pod(env, tmp_path):
       assert job == {'argv': ['-m', 'rpt_jax.main', '--config=configs/tpu_v4.py',
                               '--workdir=gs://bucket/run1', '--config.train.steps=10',
                               "--note=it's $HOME"],
-                     'cwd': str(home / 'rpt_jax'), 'FOO': 'bar baz', 'unbuffered': '1'}
+                     'cwd': str(home / 'rpt_jax'), 'FOO': 'bar baz', 'unbuffered': '1',
+                     'mount_root': str(home / 'gcs')}
+      # The workdir's bucket was mounted (gcsfuse) before the job started.
+      assert (home / 'gcsfuse.jsonl').read_text().splitlines() == [
+          json.dumps(['--implicit-dirs', 'bucket', str(home / 'gcs' / 'bucket')])]
       pid = int((home / 'rpt_jax_logs' / 'job.pid').read_text())
       pids.append(pid)
       assert _alive(pid)
@@ -508,3 +527,17 @@ def test_scripts_are_strict_and_executable():
     path = SCRIPTS / name
     assert os.access(path, os.X_OK), name
     assert 'set -euo pipefail' in path.read_text(), name
+
+
+def test_gcs_mount_flags(env):
+  result = run('setup.sh', 'my-tpu', '--repo=u', '--no-gcsfuse', env=env)
+  assert result.returncode == 0, result.stderr
+  assert split_ssh(argvs(env)[-1])[2][-5:] == ['--no-gcsfuse', '--repo', 'u', '--ref', 'main']
+  result = run('run.sh', 'my-tpu', '--workdir=gs://b2/x/y', '--gcs-mount-root=/data/gcs',
+               env=env)
+  assert result.returncode == 0, result.stderr
+  worker_argv = split_ssh(argvs(env)[-1])[2]
+  i = worker_argv.index('--mount-bucket')
+  assert worker_argv[i:i + 4] == ['--mount-bucket', 'b2', '--mount-root', '/data/gcs']
+  result = run('run.sh', 'my-tpu', '--workdir=gs:///x', env=env)
+  assert result.returncode == 2 and 'names no bucket' in result.stderr

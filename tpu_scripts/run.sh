@@ -8,6 +8,7 @@ CONFIG=${CONFIG:-configs/tpu_v4.py}
 WORKDIR=${WORKDIR:-}
 WORKER=${WORKER:-all}
 MODULE=${MODULE:-rpt_jax.main}
+GCS_MOUNT_ROOT=${GCS_MOUNT_ROOT:-gcs}
 
 usage() {
   cat <<EOF
@@ -19,12 +20,16 @@ session), with one log file per worker (LOG_DIR/worker-N.log, see logs.sh):
 Flags after -- go to rpt_jax.main unchanged, e.g. config overrides --config.train.steps=100.
 JAX finds the other hosts by itself on TPU (jax.distributed.initialize() without arguments),
 so there are no coordinator flags. Fails on a worker where a job is still running: stop.sh.
+For a gs:// workdir, each worker first mounts its bucket with gcsfuse at MOUNT_ROOT/BUCKET
+(installed by setup.sh): checkpoints go to gs:// directly, the run's other files (tokenizer,
+records, metrics, eval) through the mount, so every host reads what another wrote.
 
 Flags (flag / environment variable / default):
   --workdir DIR         WORKDIR           required; gs:// so that all workers share it
   --config FILE         CONFIG            configs/tpu_v4.py  (relative to REMOTE_DIR)
   --env KEY=VALUE                         environment variable for the job (repeatable)
   --module MOD          MODULE            rpt_jax.main
+  --gcs-mount-root DIR  GCS_MOUNT_ROOT    gcs  (on the workers, relative to home)
   --worker W            WORKER            all
 $REMOTE_FLAGS_HELP
 $COMMON_FLAGS_HELP
@@ -42,6 +47,7 @@ while (($#)); do
     --workdir | --workdir=*) flag_value "$@" && WORKDIR=$VALUE ;;
     --env | --env=*) flag_value "$@" && ENVS+=(--env "$VALUE") ;;
     --module | --module=*) flag_value "$@" && MODULE=$VALUE ;;
+    --gcs-mount-root | --gcs-mount-root=*) flag_value "$@" && GCS_MOUNT_ROOT=$VALUE ;;
     --worker | --worker=*) flag_value "$@" && WORKER=$VALUE ;;
     --config.*) usage_error "config overrides go to rpt_jax.main after --: $PROG ... -- $1" ;;
     --)
@@ -58,7 +64,14 @@ require_name
 validate_worker "$WORKER"
 [[ -n $WORKDIR ]] || usage_error "missing --workdir: pass --workdir gs://BUCKET/DIR (or set WORKDIR)"
 [[ -n $CONFIG ]] || usage_error "--config is empty"
-if [[ $WORKDIR != gs://* ]]; then
+MOUNT=()
+if [[ $WORKDIR == gs://* ]]; then
+  BUCKET=${WORKDIR#gs://}
+  BUCKET=${BUCKET%%/*}
+  [[ -n $BUCKET ]] || usage_error "--workdir '$WORKDIR' names no bucket: use gs://BUCKET/DIR"
+  [[ -n $GCS_MOUNT_ROOT ]] || usage_error "--gcs-mount-root is empty"
+  MOUNT=(--mount-bucket "$BUCKET" --mount-root "$GCS_MOUNT_ROOT")
+else
   warn "--workdir '$WORKDIR' is not a gs:// path: on a pod slice every worker then writes to its own disk, and checkpoints cannot be restored across hosts"
 fi
 for kv in ${ENVS[@]+"${ENVS[@]}"}; do
@@ -69,6 +82,6 @@ done
 
 log "starting $MODULE on $TPU_NAME (worker $WORKER): config $CONFIG, workdir $WORKDIR"
 tpu_ssh "$WORKER" start --dir "$REMOTE_DIR" --venv "$VENV_DIR" --log-dir "$LOG_DIR" \
-  ${ENVS[@]+"${ENVS[@]}"} --module "$MODULE" \
+  ${ENVS[@]+"${ENVS[@]}"} --module "$MODULE" ${MOUNT[@]+"${MOUNT[@]}"} \
   -- --config="$CONFIG" --workdir="$WORKDIR" ${EXTRA[@]+"${EXTRA[@]}"}
 is_dry_run || log "started; follow with: logs.sh $TPU_NAME   (stop with stop.sh $TPU_NAME)"

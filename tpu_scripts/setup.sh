@@ -13,6 +13,7 @@ EXTRAS=${EXTRAS:-tpu}
 FIND_LINKS=${FIND_LINKS:-}
 SYNC_ONLY=${SYNC_ONLY:-0}
 CHECK=${CHECK:-0}
+GCSFUSE=${GCSFUSE:-1}
 WORKER=${WORKER:-all}
 # Where the source archive lands on each worker (relative to home) with --local.
 REMOTE_TARBALL=rpt_jax-src.tar.gz
@@ -39,6 +40,8 @@ Install:
   --find-links URL      FIND_LINKS        extra wheel index page for pip (e.g. libtpu releases)
   --sync-only           SYNC_ONLY=1       only update the source, skip the install
   --check               CHECK=1           afterwards, print JAX's device counts on every worker
+  --no-gcsfuse          GCSFUSE=0         skip installing gcsfuse (run.sh mounts a gs:// workdir's
+                                          bucket with it; needed unless the workdir is local)
   --worker W            WORKER            all
 $REMOTE_FLAGS_HELP
 $COMMON_FLAGS_HELP
@@ -60,6 +63,7 @@ while (($#)); do
     --find-links | --find-links=*) flag_value "$@" && FIND_LINKS=$VALUE ;;
     --sync-only) SYNC_ONLY=1 && SHIFT=1 ;;
     --check) CHECK=1 && SHIFT=1 ;;
+    --no-gcsfuse) GCSFUSE=0 && SHIFT=1 ;;
     --worker | --worker=*) flag_value "$@" && WORKER=$VALUE ;;
     *) remote_flag "$@" || common_flag "$@" || { positional_name "$1" && SHIFT=1; } ;;
   esac
@@ -98,6 +102,7 @@ WORKER_ARGS=(setup --dir "$REMOTE_DIR" --venv "$VENV_DIR" --python "$PYTHON_VERS
 if [[ -n $FIND_LINKS ]]; then WORKER_ARGS+=(--find-links "$FIND_LINKS"); fi
 if is_true "$SYNC_ONLY"; then WORKER_ARGS+=(--sync-only); fi
 if is_true "$CHECK"; then WORKER_ARGS+=(--check); fi
+if ! is_true "$GCSFUSE"; then WORKER_ARGS+=(--no-gcsfuse); fi
 
 if is_true "$LOCAL"; then
   LOCAL_SRC=$(cd "$LOCAL_SRC" && pwd) || usage_error "--src: no directory '$LOCAL_SRC'"

@@ -9,7 +9,8 @@
 #   setup  get the source (git clone/fetch --repo URL --ref REF, or unpack --tarball FILE),
 #          make a virtual environment and `pip install -e "DIR[EXTRAS]"`.
 #   start  start `python -m rpt_jax.main ARGS...` in the background (setsid + nohup), one log
-#          file per worker: LOG_DIR/worker-N.log; pid in LOG_DIR/job.pid.
+#          file per worker: LOG_DIR/worker-N.log; pid in LOG_DIR/job.pid. With --mount-bucket,
+#          first mount that bucket with gcsfuse under --mount-root (a gs:// workdir's files).
 #   stop   SIGTERM the job's process group, SIGKILL after --timeout seconds.
 #   logs   print / follow (tail -F) this worker's log.
 #
@@ -23,9 +24,11 @@ usage() {
 Usage: worker.sh SUBCOMMAND [FLAGS...]   (runs on a TPU VM worker; sent there by setup.sh,
 run.sh, logs.sh and stop.sh; relative paths are relative to $HOME)
   setup --dir DIR --venv DIR [--repo URL [--ref REF] | --tarball FILE] [--python VERSION|system]
-        [--extras LIST] [--find-links URL] [--sync-only] [--check]
+        [--extras LIST] [--find-links URL] [--sync-only] [--check] [--no-gcsfuse]
   start --dir DIR --venv DIR --log-dir DIR [--env KEY=VALUE]... [--module MOD] [--grace SECONDS]
-        -- ARGS...      (--grace: seconds the job must survive; default $RPT_START_GRACE or 3)
+        [--mount-bucket BUCKET [--mount-root DIR]] -- ARGS...
+        (--grace: seconds the job must survive; default $RPT_START_GRACE or 3; --mount-root:
+        default gcs, the job gets RPT_GCS_MOUNT_ROOT=DIR)
   stop  --log-dir DIR [--timeout SECONDS]
   logs  --log-dir DIR [--lines N] [--no-follow] [--prefix]
 EOF2
@@ -149,9 +152,38 @@ make_venv() { # VENV PYTHON
   log "created $venv ($("$venv/bin/python" --version 2>&1))"
 }
 
+# ---- Cloud Storage FUSE: a gs:// workdir's files other than checkpoints (see rpt_jax.run_dir) ----
+
+ensure_gcsfuse() {
+  if command -v gcsfuse >/dev/null; then return; fi
+  log "installing gcsfuse (Cloud Storage FUSE)"
+  local codename
+  codename=$(lsb_release -c -s)
+  curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg |
+    sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null
+  echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-$codename main" |
+    sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null
+  sudo apt-get -o DPkg::Lock::Timeout=300 update -qq
+  sudo apt-get -o DPkg::Lock::Timeout=300 install -y -qq gcsfuse
+}
+
+mount_bucket() { # BUCKET DIR
+  local bucket=$1 dir=$2
+  if mountpoint -q "$dir" 2>/dev/null; then
+    log "gs://$bucket is mounted at $dir"
+    return
+  fi
+  command -v gcsfuse >/dev/null ||
+    die "gcsfuse is not installed: run setup.sh again (it installs it) or mount gs://$bucket at $dir yourself"
+  mkdir -p "$dir"
+  # --implicit-dirs: folders that gs:// writers (Orbax) create without folder objects show up.
+  gcsfuse --implicit-dirs "$bucket" "$dir"
+  log "mounted gs://$bucket at $dir"
+}
+
 cmd_setup() {
   local dir='' venv='' repo='' ref=main tarball='' python=3.12 extras=tpu find_links=''
-  local sync_only=0 check=0
+  local sync_only=0 check=0 gcsfuse=1
   while (($#)); do
     case $1 in
       --dir) need_value "$1" $# && dir=$2 && shift ;;
@@ -164,6 +196,7 @@ cmd_setup() {
       --find-links) need_value "$1" $# && find_links=$2 && shift ;;
       --sync-only) sync_only=1 ;;
       --check) check=1 ;;
+      --no-gcsfuse) gcsfuse=0 ;;
       *) die "setup: unknown flag $1" ;;
     esac
     shift
@@ -198,6 +231,7 @@ cmd_setup() {
   jax_version=$("$venv/bin/python" -c 'import jax; print(jax.__version__)') ||
     die "jax does not import in $venv after the install (see the error above)"
   log "installed rpt_jax with jax $jax_version"
+  if ((gcsfuse)); then ensure_gcsfuse; fi
   if ((check)); then
     # Every worker must run this at once on a pod slice: TPU start-up is collective.
     "$venv/bin/python" -c 'import jax; print("process", jax.process_index(), "of", jax.process_count(), "local devices", jax.local_device_count(), "global devices", jax.device_count())'
@@ -231,6 +265,7 @@ running() {
 
 cmd_start() {
   local dir='' venv='' log_dir='' module=rpt_jax.main grace=${RPT_START_GRACE:-3} envs=()
+  local bucket='' mount_root=gcs
   while (($#)); do
     case $1 in
       --dir) need_value "$1" $# && dir=$2 && shift ;;
@@ -239,6 +274,8 @@ cmd_start() {
       --env) need_value "$1" $# && envs+=("$2") && shift ;;
       --module) need_value "$1" $# && module=$2 && shift ;;
       --grace) need_value "$1" $# && grace=$2 && shift ;;
+      --mount-bucket) need_value "$1" $# && bucket=$2 && shift ;;
+      --mount-root) need_value "$1" $# && mount_root=$2 && shift ;;
       --)
         shift
         break
@@ -260,6 +297,11 @@ cmd_start() {
     die "a job is already running here (pid $pid): stop it first with stop.sh"
   fi
   rm -f "$pid_file"
+  if [[ -n $bucket ]]; then
+    mount_root=$(abs_path "$mount_root")
+    mount_bucket "$bucket" "$mount_root/$bucket"
+    export RPT_GCS_MOUNT_ROOT=$mount_root
+  fi
   local kv
   for kv in ${envs[@]+"${envs[@]}"}; do
     [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env wants KEY=VALUE, got '$kv'"

@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.score_seq_len = 4096  # proxy scoring window (tokens)
   c.data.score_overlap = 1024  # context shared by consecutive windows of a long document
   c.data.score_batch_size = 8  # windows per proxy call (a multiple of data x fsdp)
+  # Documents per record shard: the unit of resume, and of work per host (hosts take shards
+  # in turn, all scoring together).
+  c.data.docs_per_shard = 256
   c.data.prompt_buckets = (1024, 2048, 4096, 5120)  # template + chat markers add tokens
   c.data.template = "v0"
   c.data.worker_count = 0  # Grain worker processes (0 = in the main process)

@@ -65,6 +65,7 @@ def prepare_config(config: ml_collections.ConfigDict) -> PrepareConfig:
       max_positions_per_document=d.max_positions_per_document or None,
       score_seq_len=d.score_seq_len, score_overlap=d.score_overlap,
       score_batch_size=d.score_batch_size, eval_fraction=d.eval_fraction, seed=config.seed,
+      docs_per_shard=d.get("docs_per_shard", 256),
       tokenizer_id=config.tokenizer.path or config.model.hf_path or "trained-sentencepiece",
       proxy_id=d.proxy_hf_path or config.model.hf_path or "policy")
 

@@ -13,7 +13,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -131,37 +130,18 @@ class Run:
     if os.path.exists(os.path.join(self.records_dir, prepare_lib.MANIFEST)):
       return {"records": self._check_records()["counts"]}
     proxy = assemble.load_proxy(c, self.model, self.mesh, self.rules)
-    if jax.process_count() == 1:
-      manifest = prepare_lib.prepare(
-          assemble.prepare_config(c), self.tokenizer, proxy, self.records_dir, mesh=self.mesh,
-          show_progress=self.progress)
-      return {"records": manifest["counts"]}
-    # Several processes: process 0 scores every shard on a copy of the proxy on ITS devices
-    # (the scorer reads its outputs on the host, so no program may span processes) while the
-    # others wait. prepare()'s own process_index/count split is not used: its start-up clean-up,
-    # identity and manifest writes are not safe to run from several processes at once.
-    local_proxy, local_mesh = _process_local_copy(proxy, self.rules)  # Every process: gathers.
-    error = None
-    if jax.process_index() == 0:
-      try:
-        prepare_lib.prepare(assemble.prepare_config(c), self.tokenizer, local_proxy,
-                            self.records_dir, mesh=local_mesh, show_progress=self.progress)
-      except Exception as e:  # pylint: disable=broad-except  # Re-raised after the others know.
-        error = e
-    from jax.experimental import multihost_utils
-    ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))  # Also the barrier.
-    if error is not None:
-      raise error
-    if not ok:
-      raise RuntimeError("data preparation failed on process 0; see its log.")
-    return {"records": read_manifest(self.records_dir)["counts"]}
+    # Every process: one SPMD scorer over the run's mesh, each feeding its own documents.
+    manifest = prepare_lib.prepare(
+        assemble.prepare_config(c), self.tokenizer, proxy, self.records_dir, mesh=self.mesh,
+        show_progress=self.progress and jax.process_index() == 0)
+    return {"records": manifest["counts"]}
 
   def _check_records(self) -> dict:
     """The finished preparation's manifest, if made with this data config and tokenizer.
 
-    The proxy's weight fingerprint (`prepare.proxy_identity`) is not compared: its fp32 L1 norms
-    depend on the mesh's reduction order, so a run resumed on another device count or process
-    count would refuse its own records.
+    The proxy's weight fingerprint (`prepare.proxy_identity`) is not compared: that would load
+    a separate proxy (`data.proxy_hf_path`) only to check it; `prepare` itself compares it
+    when it resumes an unfinished folder.
     """
     manifest = read_manifest(self.records_dir)
     found = manifest["identity"]
@@ -277,21 +257,6 @@ class _NullIterator:
 
   def get_state(self) -> bytes:
     return b""
-
-
-def _process_local_copy(model: nnx.Module, rules) -> tuple[nnx.Module, jax.sharding.Mesh]:
-  """A Transformer like `model` on a mesh of this process's devices only (weights gathered
-  through the host: every process must call this), with that mesh."""
-  from jax.experimental import multihost_utils
-  mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, fsdp=-1, tensor=1),
-                            devices=jax.local_devices())
-  host = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
-                      nnx.state(model))
-  # A new module: the old one's activation sharding constraints name the global mesh.
-  graphdef, abstract = nnx.split(nnx.eval_shape(
-      lambda: type(model)(model.config, rngs=nnx.Rngs(0), mesh=mesh, rules=rules)))
-  return nnx.merge(graphdef, jax.device_put(
-      host, mesh_lib.state_shardings(abstract, mesh, rules))), mesh
 
 
 def _sync(name: str) -> None:

@@ -39,6 +39,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rpt_jax import checkpoint as checkpoint_lib
+from rpt_jax import host_rows
 from rpt_jax import mesh as mesh_lib
 from rpt_jax.data.pipeline import PromptBatch
 from rpt_jax.metrics import MetricsWriter, to_float
@@ -126,13 +127,9 @@ def process_batch_rows(mesh: Mesh, rules: mesh_lib.ShardingRules, global_batch: 
   """The rows of a [global_batch] batch-sharded array that this process's devices hold, in the
   order `jax.make_array_from_process_local_data` maps local rows to (ascending). Feed the loader
   these rows (`PromptLoader(rows=...)`) and a mesh of any device order keeps global row r the
-  same record on every process count."""
+  same record on every process count; processes that hold the same rows read the same records."""
   sharding = NamedSharding(mesh, rules.spec(("batch",)))
-  rows: set[int] = set()
-  for device, index in sharding.devices_indices_map((global_batch,)).items():
-    if device.process_index == jax.process_index():
-      rows.update(range(*index[0].indices(global_batch)))
-  return sorted(rows)
+  return list(host_rows.batch_feed(sharding, global_batch).rows)
 
 
 def _group_stub(num_groups: int, group_size: int) -> update.RolloutBatch:
@@ -168,18 +165,7 @@ def _pad_prompts(batch: update.RolloutBatch, width: int, pad_id: int) -> update.
                                             constant_values=pad_id))
 
 
-def process_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in global row order."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  rows, seen = [], set()
-  for shard in shards:
-    start = shard.index[0].start or 0
-    if start not in seen:  # Replicas over non-batch axes hold the same rows.
-      seen.add(start)
-      rows.append(np.asarray(shard.data))
-  return np.concatenate(rows, axis=0)
+process_rows = host_rows.local_rows  # This process's rows of a batch-sharded array.
 
 
 class RPTTrainer:

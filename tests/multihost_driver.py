@@ -36,6 +36,7 @@ def micro_config(train_steps: int, dynamic_from: int):
                          num_kv_heads=1, head_dim=16, max_position_embeddings=256)
   c.tokenizer.train_vocab_size = 512  # 384 pieces spell the v0 template in ~180 tokens
   c.data.source.synthetic_documents = 200
+  c.data.docs_per_shard = 60  # 4 shards: with 2 processes, each scores and writes 2
   c.data.max_positions_per_document = 4
   c.data.max_prompt_tokens = 32
   c.data.prompt_buckets = (128,)

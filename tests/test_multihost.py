@@ -8,10 +8,13 @@ tests/multihost_driver.py) on both layouts:
   one    1 process: tokenizer, pretrain, prepare (snapshot), RPT train 4 steps, eval, then 4
          pretrain steps from the pretrained checkpoint ("repretrain")
   two    2 processes (gloo collectives) on the snapshot without its tokenizer: process 0 trains
-         the tokenizer again, prepare finds the records (and prepares a second copy), train, eval;
+         the tokenizer again, prepare finds the records (and prepares a second copy, the two
+         processes scoring 2 of its 4 shards each in one SPMD program), train, eval;
          then the same trainer resumes `one`'s step-2 checkpoint (written by 1 process) in a
          copy of `one`'s workdir and trains to the end ("across"); "repretrain"
   back   1 process, resumed from `two`'s step-2 checkpoint (written by 2 processes)
+  tensor 2 processes with mesh 1x1x4: the tensor axis crosses them, so both hold every batch
+         row and feed the same rows; prepare again (one feed group), train, eval
 
 and the logged numbers must agree: rewards, dynamic-sampling counts and token counts exactly (they
 come from identical sampled tokens), losses/entropies/gradient norms to fp32 reduction order
@@ -215,8 +218,9 @@ def runs(tmp_path_factory):
                         "train,eval", 1, logs, cache).results()
   # Tensor across the two processes: both hold every batch row, so they must feed identical rows.
   out["tensor"] = _Launch("tensor", _copy(path("prepared"), path("tensor"), drop=("tokenizer",)),
-                          "train,eval", 2, logs, cache, ("--mesh=1,1,4",)).results()
-  out["dirs"] = {name: path(name) for name in ("prepared", "one", "two", "back", "across")}
+                          "reprepare,train,eval", 2, logs, cache, ("--mesh=1,1,4",)).results()
+  out["dirs"] = {name: path(name) for name in ("prepared", "one", "two", "back", "across",
+                                               "tensor")}
   out["across"] = [{"metrics": out["two"][0]["across_metrics"]}]
   print({name: round(out[name][0]["wall_s"], 1) for name in ("one", "two", "back", "tensor")})
   return out
@@ -296,13 +300,30 @@ def test_two_processes_prepare_the_same_records(runs):
   assert runs["two"][0]["records"] == runs["two"][1]["records"] == runs["one"][0]["records"]
   assert runs["two"][0]["records_again"] == runs["two"][1]["records_again"] == (
       runs["one"][0]["records"])
-  for split in records.SPLITS:
-    name = f"{split}-00000.arrayrecord"
-    want = records.read_shard(os.path.join(dirs["prepared"], "records", name))
-    got = records.read_shard(os.path.join(dirs["two"], "records_again", name))
-    assert [(r.doc_id, r.position, r.bucket, r.completion) for r in got] == [
-        (r.doc_id, r.position, r.bucket, r.completion) for r in want]
-    np.testing.assert_allclose([r.entropy for r in got], [r.entropy for r in want], **TOL)
+  assert runs["tensor"][0]["records_again"] == runs["tensor"][1]["records_again"] == (
+      runs["one"][0]["records"])
+  # Both processes scored (each fed its own shards to one SPMD scorer): every shard file of the
+  # 1-process preparation, with the same records.
+  names = sorted(f for f in os.listdir(os.path.join(dirs["prepared"], "records"))
+                 if f.endswith(".arrayrecord"))
+  assert {n.split("-")[1].split(".")[0] for n in names} == {"00000", "00001", "00002", "00003"}
+  assert sorted(f for f in os.listdir(os.path.join(dirs["two"], "records_again"))
+                if f.endswith(".arrayrecord")) == names
+  # "tensor": both processes hold every row, so they are one feed group: they score every
+  # shard together and process 0 alone writes.
+  for layout in ("two", "tensor"):
+    for name in names:
+      want = records.read_shard(os.path.join(dirs["prepared"], "records", name))
+      got = records.read_shard(os.path.join(dirs[layout], "records_again", name))
+      assert [(r.doc_id, r.position, r.bucket, r.completion) for r in got] == [
+          (r.doc_id, r.position, r.bucket, r.completion) for r in want], (layout, name)
+      np.testing.assert_allclose([r.entropy for r in got], [r.entropy for r in want], **TOL)
+  # The identity's proxy fingerprint is exact weight bits: the same on 1 and 2 processes.
+  with open(os.path.join(dirs["prepared"], "records", "manifest.json")) as f:
+    one = json.load(f)["identity"]
+  for layout in ("two", "tensor"):
+    with open(os.path.join(dirs[layout], "records_again", "manifest.json")) as f:
+      assert json.load(f)["identity"] == one, layout
 
 
 def test_two_processes_pretrain_like_one(runs):

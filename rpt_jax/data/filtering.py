@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rpt_jax import host_rows
 from rpt_jax.registry import Registry
 
 DEFAULT_BUCKET_THRESHOLDS = (0.5, 1.0, 1.5)
@@ -73,12 +74,16 @@ def _stats_from_logits(logits_BLV: jax.Array, k: int) -> tuple[jax.Array, jax.Ar
 class ProxyScorer:
   """A jitted map from token windows to per-position (entropy, proxy argmax), on device.
 
-  Call with `tokens_BL` int32 [B, L] (right-padded) and `mask_BL` (1 = real token) of exactly
-  (batch_size, seq_len). Returns device arrays, aligned with the TARGET position:
-    entropy_BL float32: [b, t] = top-k entropy of the proxy's distribution for token t given
-      tokens [b, :t]; NaN at t = 0 (nothing predicts the first token).
-    argmax_BL int32: [b, t] = the proxy's most likely token at t; -1 at t = 0.
-  The call is asynchronous (JAX dispatch): read results with np.asarray when needed.
+  Each call scores one global batch of `batch_size` windows of `seq_len` tokens; this process
+  gives its `rows_per_call` rows of it (all of them with one process; under several processes,
+  the rows its devices hold, see `rpt_jax.host_rows`): `tokens_RL` int32 [rows_per_call, L]
+  (right-padded) and `mask_RL` (1 = real token). Every process must call it the same number of
+  times (it is one SPMD program). Returns device arrays; `to_host` gives this process's rows,
+  aligned with the TARGET position:
+    entropy: [r, t] = top-k entropy of the proxy's distribution for token t given tokens
+      [r, :t]; NaN at t = 0 (nothing predicts the first token).
+    argmax: [r, t] = the proxy's most likely token at t; -1 at t = 0.
+  The call is asynchronous (JAX dispatch): read results with `to_host` when needed.
   """
 
   def __init__(self, model: nnx.Module, *, batch_size: int, seq_len: int,
@@ -116,23 +121,33 @@ class ProxyScorer:
 
     if mesh is None:
       self._batch_sharding = None
+      self.feed = host_rows.BatchFeed(rows=tuple(range(batch_size)), group=0, num_groups=1,
+                                      leader=True)
       self._forward = jax.jit(forward)
     else:
       self._batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+      self.feed = host_rows.batch_feed(self._batch_sharding, batch_size)
       self._forward = jax.jit(forward, out_shardings=(self._batch_sharding,) * 2)
+    self.rows_per_call = len(self.feed.rows)
 
-  def __call__(self, tokens_BL: np.ndarray, mask_BL: np.ndarray | None = None
+  def __call__(self, tokens_RL: np.ndarray, mask_RL: np.ndarray | None = None
                ) -> tuple[jax.Array, jax.Array]:
-    shape = (self.batch_size, self.seq_len)
-    if tuple(tokens_BL.shape) != shape:
-      raise ValueError(f"scorer expects tokens of shape {shape}, got {tuple(tokens_BL.shape)}.")
-    if mask_BL is None:
-      mask_BL = np.ones(shape, np.int32)
-    tokens_BL, mask_BL = np.asarray(tokens_BL, np.int32), np.asarray(mask_BL, np.int32)
+    shape = (self.rows_per_call, self.seq_len)
+    if tuple(tokens_RL.shape) != shape:
+      raise ValueError(f"scorer expects this process's tokens of shape {shape}, got "
+                       f"{tuple(tokens_RL.shape)}.")
+    if mask_RL is None:
+      mask_RL = np.ones(shape, np.int32)
+    tokens_RL, mask_RL = np.asarray(tokens_RL, np.int32), np.asarray(mask_RL, np.int32)
     if self._batch_sharding is not None:
-      tokens_BL = jax.device_put(tokens_BL, self._batch_sharding)
-      mask_BL = jax.device_put(mask_BL, self._batch_sharding)
-    return self._forward(self._state, tokens_BL, mask_BL)
+      tokens_RL = host_rows.to_global(self._batch_sharding, tokens_RL, self.batch_size)
+      mask_RL = host_rows.to_global(self._batch_sharding, mask_RL, self.batch_size)
+    return self._forward(self._state, tokens_RL, mask_RL)
+
+  @staticmethod
+  def to_host(x: jax.Array) -> np.ndarray:
+    """This process's rows of a result, in the order they were given."""
+    return host_rows.local_rows(x)
 
 
 def make_proxy_scorer(model: nnx.Module, *, mesh: Mesh | None = None, batch_size: int,
@@ -176,13 +191,25 @@ def document_windows(num_tokens: int, seq_len: int, overlap: int, doc: int = 0) 
   return windows
 
 
+def _windows(documents: Sequence[np.ndarray], seq_len: int, overlap: int) -> list[Window]:
+  return [w for i, ids in enumerate(documents)
+          for w in document_windows(len(ids), seq_len, overlap, i)]
+
+
+def count_batches(documents: Sequence[np.ndarray], *, rows: int, seq_len: int,
+                  overlap: int) -> int:
+  """Scorer calls `score_documents` makes for `documents` at `rows` windows per call."""
+  return -(-len(_windows(documents, seq_len, overlap)) // rows)
+
+
 def score_documents(scorer: ProxyScorer, documents: Sequence[np.ndarray], *, overlap: int,
-                    pad_id: int = 0, lookahead: int = 2
+                    pad_id: int = 0, lookahead: int = 2, num_batches: int | None = None
                     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
   """Scores every position of every document; yields (index, entropy_T, argmax_T) in order.
 
-  Windows of all documents are packed into [B, L] batches (right-padded with `pad_id`); up to
-  `lookahead` batches are in flight on the device while the host packs the next.
+  Windows of all documents are packed into this process's [rows_per_call, L] part of each
+  scorer batch (right-padded with `pad_id`); up to `lookahead` batches are in flight on the
+  device while the host packs the next.
 
   Args:
     scorer: a `ProxyScorer`.
@@ -190,14 +217,20 @@ def score_documents(scorer: ProxyScorer, documents: Sequence[np.ndarray], *, ove
     overlap: tokens shared by consecutive windows of a document.
     pad_id: id used for padding (masked out).
     lookahead: batches dispatched before the first result is read.
+    num_batches: call the scorer exactly this many times (at least `count_batches`), the extra
+      calls on padding: every process of a multi-process scorer must make the same calls.
 
   Yields:
     (i, entropy_T float32, argmax_T int32) for document i, in order; entropy is NaN and
     argmax -1 at position 0 (and for a one-token document, everywhere).
   """
-  b, l = scorer.batch_size, scorer.seq_len
-  windows = [w for i, ids in enumerate(documents)
-             for w in document_windows(len(ids), l, overlap, i)]
+  b, l = scorer.rows_per_call, scorer.seq_len
+  windows = _windows(documents, l, overlap)
+  needed = -(-len(windows) // b)
+  num_batches = needed if num_batches is None else num_batches
+  if num_batches < needed:
+    raise ValueError(f"num_batches={num_batches} is fewer than the {needed} batches these "
+                     "documents need.")
   results = [(np.full(len(ids), np.nan, np.float32), np.full(len(ids), -1, np.int32))
              for ids in documents]
   remaining = collections.Counter(w.doc for w in windows)
@@ -206,7 +239,7 @@ def score_documents(scorer: ProxyScorer, documents: Sequence[np.ndarray], *, ove
 
   def drain_one():
     batch, (ent_BL, arg_BL) = in_flight.popleft()
-    ent_BL, arg_BL = np.asarray(ent_BL), np.asarray(arg_BL)
+    ent_BL, arg_BL = scorer.to_host(ent_BL), scorer.to_host(arg_BL)
     for row, w in enumerate(batch):
       lo, hi = w.first_target - w.start, w.end - w.start
       results[w.doc][0][w.first_target:w.end] = ent_BL[row, lo:hi]
@@ -220,8 +253,8 @@ def score_documents(scorer: ProxyScorer, documents: Sequence[np.ndarray], *, ove
       results[next_doc] = None  # Free the finished document's arrays.
       next_doc += 1
 
-  for first in range(0, len(windows), b):
-    batch = windows[first:first + b]
+  for call in range(num_batches):
+    batch = windows[call * b:(call + 1) * b]  # Empty past the documents' windows: padding.
     tokens_BL = np.full((b, l), pad_id, np.int32)
     # Rows past the end are all-ones in the mask: a row with no key to attend to could be NaN.
     mask_BL = np.ones((b, l), np.int32)

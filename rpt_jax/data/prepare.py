@@ -16,7 +16,13 @@ Determinism: outputs are a pure function of (config, corpus, tokenizer, proxy we
 numerics); no timestamps or absolute paths are written, so two runs give byte-identical files.
 Resume: every file is written under a temporary name and renamed; a shard's marker is written
 after its files. Re-running with the same arguments skips shards that have a marker, redoes
-any other shard, and finishes the manifest. A folder made with a different identity is refused.
+any other shard, and finishes the manifest. A folder made with a different identity is refused;
+the proxy's part of the identity is an exact checksum of its weight bits, so the same weights
+resume on any mesh or process count.
+
+Several processes (a mesh over several hosts): every process runs `prepare`; shards go to the
+scorer's feed groups in turn and all processes score together, each feeding its own windows
+(see `prepare`). Records are the same as one process writes, to fp32 reduction order.
 """
 
 from __future__ import annotations
@@ -136,16 +142,39 @@ def tokenizer_identity(tokenizer) -> dict[str, Any]:
   }
 
 
+def _uint32_bits(x: jax.Array) -> jax.Array:
+  """The bit pattern of every element as uint32 (1, 2 and 4-byte dtypes)."""
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(jnp.dtype(x.dtype).itemsize)
+  if unsigned is None:
+    raise ValueError(f"proxy parameter dtype {x.dtype} has no 1, 2 or 4-byte bit pattern.")
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _bit_checksums(x: jax.Array) -> jax.Array:
+  """[2] uint32: the wrapping sums of x's bits and of its bits times an odd hash of the flat
+  index. Integer sums are exact in any order, so every mesh and process count gives the same
+  numbers; the index is built from per-axis iotas, so sharded parameters stay in place."""
+  bits = _uint32_bits(x)
+  index = jnp.zeros(x.shape, jnp.uint32)
+  for axis in range(x.ndim):
+    index = index * jnp.uint32(x.shape[axis]) + jax.lax.broadcasted_iota(
+        jnp.uint32, x.shape, axis)
+  weight = index * jnp.uint32(2654435761) + jnp.uint32(1)  # Knuth's multiplicative hash, odd
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)])
+
+
 def proxy_identity(model: nnx.Module) -> dict[str, Any]:
-  """Parameter count and a fingerprint of every parameter's path, shape, dtype and L1 norm."""
+  """Parameter count and a fingerprint of every parameter's path, shape, dtype and exact bits
+  (`_bit_checksums`): the same for the same weights on any mesh, device or process count."""
   state = nnx.state(model, nnx.Param)
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-  norms = jax.jit(lambda xs: [jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in xs])(
-      [leaf for _, leaf in leaves])
+  sums = jax.jit(lambda xs: [_bit_checksums(x) for x in xs])([leaf for _, leaf in leaves])
+  # Replicated [2] results: every process reads its own copy.
+  sums = [np.asarray(s.addressable_data(0)) for s in sums]
   digest = hashlib.sha256()
-  for (path, leaf), norm in zip(leaves, norms):
+  for (path, leaf), pair in zip(leaves, sums):
     digest.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|"
-                  f"{float(norm)!r}\n".encode())
+                  f"{int(pair[0])}|{int(pair[1])}\n".encode())
   return {"class": type(model).__name__,
           "num_params": int(sum(int(np.prod(leaf.shape)) for _, leaf in leaves)),
           "params_sha256": digest.hexdigest()}
@@ -174,26 +203,46 @@ def _split_counts(thresholds: tuple[float, ...]) -> dict[str, Any]:
   return {"records": 0, "documents": 0, "buckets": {str(b): 0 for b in range(len(thresholds) + 1)}}
 
 
-def _process_shard(shard: int, first_doc_id: int, documents: list[str], config: PrepareConfig,
-                   tokenizer, scorer: filtering.ProxyScorer, out_dir: str) -> dict[str, Any]:
-  """Tokenises, scores, filters and writes one document shard; returns its marker."""
-  encoded = [tokenizer.encode_with_byte_spans(d) for d in documents]
-  ids = [np.asarray(e[0], np.int32) for e in encoded]
-  # A document needs a token at t >= max(1, min_context_tokens) to give any position.
-  usable = [i for i, x in enumerate(ids) if len(x) > max(1, config.min_context_tokens)]
+class _ShardWork:
+  """One document shard, tokenised: what `_process_shard` scores and writes."""
+
+  def __init__(self, shard: int, first_doc_id: int, documents: list[str],
+               config: PrepareConfig, tokenizer):
+    self.shard, self.first_doc_id, self.documents = shard, first_doc_id, documents
+    self.encoded = [tokenizer.encode_with_byte_spans(d) for d in documents]
+    self.ids = [np.asarray(e[0], np.int32) for e in self.encoded]
+    # A document needs a token at t >= max(1, min_context_tokens) to give any position.
+    self.usable = [i for i, x in enumerate(self.ids) if len(x) > max(1, config.min_context_tokens)]
+    self.overlap, self.seq_len, self.pad_id = (config.score_overlap, config.score_seq_len,
+                                               tokenizer.pad_id)
+
+  def num_batches(self, rows: int) -> int:
+    return filtering.count_batches([self.ids[i] for i in self.usable], rows=rows,
+                                   seq_len=self.seq_len, overlap=self.overlap)
+
+
+def _process_shard(work: _ShardWork, config: PrepareConfig, scorer: filtering.ProxyScorer,
+                   out_dir: str, *, num_batches: int | None = None,
+                   write: bool = True) -> dict[str, Any] | None:
+  """Scores, filters and (when `write`) writes one document shard; returns its marker."""
+  ids, encoded, documents = work.ids, work.encoded, work.documents
+  usable = work.usable
   counts = {s: _split_counts(config.bucket_thresholds) for s in records.SPLITS}
-  marker = {"shard": shard, "documents": len(documents),
+  marker = {"shard": work.shard, "documents": len(documents),
             "short_documents": len(documents) - len(usable), "positions_scored": 0,
             "positions_selected": 0, "max_completion_bytes": 0}
   # Records stream to disk while the next windows are scored (writers open temp files lazily).
-  writers = {s: records.ShardWriter(os.path.join(out_dir, f"{s}-{shard:05d}.arrayrecord"))
-             for s in records.SPLITS}
+  writers = {s: records.ShardWriter(os.path.join(out_dir, f"{s}-{work.shard:05d}.arrayrecord"))
+             for s in records.SPLITS} if write else {}
   try:
     scored = filtering.score_documents(scorer, [ids[i] for i in usable],
-                                       overlap=config.score_overlap, pad_id=tokenizer.pad_id)
+                                       overlap=config.score_overlap, pad_id=work.pad_id,
+                                       num_batches=num_batches)
     for j, entropy_T, argmax_T in scored:
+      if not write:
+        continue  # A non-leader of a feed group: its scorer calls are all it owes.
       i = usable[j]
-      doc_id = first_doc_id + i
+      doc_id = work.first_doc_id + i
       correct_T = argmax_T == ids[i]
       positions = filtering.select_positions(
           entropy_T, correct_T, filter_name=config.filter, threshold=config.entropy_threshold,
@@ -217,6 +266,8 @@ def _process_shard(shard: int, first_doc_id: int, documents: list[str], config: 
     for writer in writers.values():
       writer.abort()
     raise
+  if not write:
+    return None
   files = {}
   for split, writer in writers.items():
     counts[split]["records"] = writer.commit()
@@ -261,8 +312,7 @@ def _manifest(identity: dict[str, Any], markers: list[dict[str, Any]],
 
 
 def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: str, *,
-            mesh: Mesh | None = None, show_progress: bool = True, process_index: int = 0,
-            process_count: int = 1) -> dict[str, Any]:
+            mesh: Mesh | None = None, show_progress: bool = True) -> dict[str, Any]:
   """Runs the data stage end to end and returns the manifest (also in out_dir/manifest.json).
 
   Args:
@@ -270,15 +320,16 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
     tokenizer: an `rpt_jax.tokenizer.Tokenizer` (encode_with_byte_spans, pad_id, vocab_size).
     proxy_model: the NNX proxy `Transformer` that scores positions.
     out_dir: output folder (created). Re-running on a finished folder returns its manifest.
-    mesh: shard the scorer's batch over ('data', 'fsdp') of this mesh (devices of this process).
+    mesh: shard the scorer's batch over ('data', 'fsdp') of this mesh. A mesh over several
+      processes (every process calls `prepare` with the same arguments; out_dir on a shared
+      file system): the processes take document shards in turn, one shard per feed group
+      (`rpt_jax.host_rows`) per round, and score them together in one SPMD program, each group
+      feeding its own windows; a group's leader writes its shards' records and markers and
+      process 0 the identity and the manifest.
     show_progress: tqdm progress bar over documents.
-    process_index, process_count: this process handles shards with
-      shard % process_count == process_index; the manifest is written by whichever process
-      finds every shard's marker present (run once more, or on process 0 after a barrier).
 
   Returns:
-    The manifest dict; when shards of other processes are still missing, a dict with
-    "complete": False and the missing shard ids.
+    The manifest dict.
 
   Raises:
     ValueError / FileNotFoundError: bad source, a tokenizer with more ids than the proxy's
@@ -288,9 +339,6 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
   """
   from tqdm.auto import tqdm  # Only for the progress bar.
 
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count="
-                     f"{process_count}).")
   model_config = getattr(proxy_model, "config", None)
   if model_config is not None:
     from rpt_jax.tokenizer import check_vocab_fits
@@ -298,6 +346,7 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
     model_config.check_context_length(config.score_seq_len)
   identity = {"config": config.to_dict(), "tokenizer": tokenizer_identity(tokenizer),
               "proxy": proxy_identity(proxy_model)}
+  sync = _Sync(mesh)
   manifest_path = os.path.join(out_dir, MANIFEST)
   progress_dir = os.path.join(out_dir, PROGRESS)
   identity_path = os.path.join(progress_dir, "identity.json")
@@ -316,41 +365,74 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
   documents = iter_documents(config.source, stats)
   first = next(documents)  # Raises for a missing/empty corpus before anything is created.
   created = not os.path.exists(out_dir)
-  os.makedirs(progress_dir, exist_ok=True)
-  for stale in glob.glob(os.path.join(out_dir, "*.tmp")) + glob.glob(
-      os.path.join(progress_dir, "*.tmp")):
-    os.remove(stale)  # Left by an interrupted run; never mistaken for output.
-  _write_json(identity_path, identity)
+  sync.barrier("prepare:checked")  # Every process has read the folder before process 0 writes.
+  if sync.main:
+    os.makedirs(progress_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(out_dir, "*.tmp")) + glob.glob(
+        os.path.join(progress_dir, "*.tmp")):
+      os.remove(stale)  # Left by an interrupted run; never mistaken for output.
+    _write_json(identity_path, identity)
+  sync.barrier("prepare:started")
 
   scorer = filtering.make_proxy_scorer(
       proxy_model, mesh=mesh, batch_size=config.score_batch_size, seq_len=config.score_seq_len,
       k=config.topk, logits_chunk=config.logits_chunk)
+  feed = scorer.feed
   src = config.source
   total = src.synthetic.num_documents if src.kind == "synthetic" else None
   if src.max_documents is not None:
     total = min(total or src.max_documents, src.max_documents)
   num_shards = 0
+  shards = _shards(itertools.chain([first], documents), config.docs_per_shard)
   with tqdm(total=total, unit="doc", desc="prepare", disable=not show_progress) as bar:
-    for shard, docs in enumerate(_shards(itertools.chain([first], documents),
-                                         config.docs_per_shard)):
-      num_shards += 1
-      marker_path = os.path.join(progress_dir, f"shard-{shard:05d}.json")
-      if shard % process_count == process_index and not os.path.exists(marker_path):
-        marker = _process_shard(shard, shard * config.docs_per_shard, docs, config, tokenizer,
-                                scorer, out_dir)
-        _write_json(marker_path, marker)
-      bar.update(len(docs))
+    # One round: the next num_groups shards, shard num_shards + g to feed group g.
+    while batch := list(itertools.islice(shards, feed.num_groups)):
+      mine = num_shards + feed.group
+      docs = batch[feed.group] if feed.group < len(batch) else []
+      marker_path = os.path.join(progress_dir, f"shard-{mine:05d}.json")
+      # The group follows its leader's view of the marker (a file system may lag elsewhere).
+      done = sync.group_leader_flag(feed, os.path.exists(marker_path) or not docs)
+      work = _ShardWork(mine, mine * config.docs_per_shard, [] if done else docs, config,
+                        tokenizer)
+      # Collective: every process dispatches the same number of scorer batches (padding when
+      # its group has fewer windows, or nothing left to do this round).
+      calls = sync.max(work.num_batches(scorer.rows_per_call))
+      if calls or not done:
+        marker = _process_shard(work, config, scorer, out_dir, num_batches=calls,
+                                write=feed.leader and not done)
+        if marker is not None:
+          _write_json(marker_path, marker)
+      num_shards += len(batch)
+      bar.update(sum(len(d) for d in batch))
 
+  sync.barrier("prepare:scored")
   marker_paths = [os.path.join(progress_dir, f"shard-{s:05d}.json") for s in range(num_shards)]
-  missing = [s for s, p in enumerate(marker_paths) if not os.path.exists(p)]
+  error = None
+  if sync.main:
+    try:
+      manifest = _finish(identity, marker_paths, stats, config, progress_dir, out_dir, created)
+      _write_json(manifest_path, manifest)
+    except (ValueError, FileNotFoundError) as e:  # Raised on every process, below.
+      error = e
+  if not sync.all_ok(error is None):
+    if error is not None:
+      raise error
+    raise RuntimeError("data preparation failed on process 0; see its log.")
+  return _read_json(manifest_path)
+
+
+def _finish(identity, marker_paths, stats, config, progress_dir, out_dir, created):
+  """The manifest from every shard's marker (process 0)."""
+  missing = [p for p in marker_paths if not os.path.exists(p)]
   if missing:
-    return {"complete": False, "missing_shards": missing}
+    raise FileNotFoundError(f"shard markers {missing} are missing after every shard was scored; "
+                            "is out_dir on a file system all processes share?")
   manifest = _manifest(identity, [_read_json(p) for p in marker_paths], stats)
   short = manifest["documents"]["short"]
   if short:
     warnings.warn(
         f"{short} of {stats.documents} documents have at most min_context_tokens="
-        f"{config.min_context_tokens} tokens and gave no positions.", stacklevel=2)
+        f"{config.min_context_tokens} tokens and gave no positions.", stacklevel=3)
   if sum(manifest["counts"][s]["records"] for s in records.SPLITS) == 0:
     shutil.rmtree(progress_dir)
     if created:
@@ -360,8 +442,41 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
         f"min_context_tokens={config.min_context_tokens} + 1 tokens, filter {config.filter!r}, "
         f"entropy_threshold={config.entropy_threshold}); lower min_context_tokens or the "
         "threshold, or use longer documents. Nothing was written.")
-  _write_json(manifest_path, manifest)
   return manifest
+
+
+class _Sync:
+  """The few cross-process steps of `prepare` (no-ops for a single process)."""
+
+  def __init__(self, mesh: Mesh | None):
+    procs = {d.process_index for d in mesh.devices.flat} if mesh is not None else set()
+    self.multi = len(procs) > 1
+    self.main = jax.process_index() == 0 or not self.multi
+
+  def barrier(self, name: str) -> None:
+    if self.multi:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"rpt_jax:{name}")
+
+  def _gather(self, value: int) -> np.ndarray:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)
+
+  def max(self, value: int) -> int:
+    return int(np.max(self._gather(value))) if self.multi else int(value)
+
+  def all_ok(self, ok: bool) -> bool:
+    return bool(np.min(self._gather(int(ok)))) if self.multi else ok
+
+  def group_leader_flag(self, feed, flag: bool) -> bool:
+    """`flag` as this process's feed-group leader sees it (process-ordered gather)."""
+    if not self.multi:
+      return flag
+    flags = self._gather(int(flag))
+    leaders = self._gather(jax.process_index() if feed.leader else -1)
+    groups = self._gather(feed.group)
+    leader = int(max(p for p, g in zip(leaders, groups) if g == feed.group))
+    return bool(flags[leader])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -128,7 +128,7 @@ def test_resume_after_interruption(prepared, tmp_path, monkeypatch, tokenizer, p
   monkeypatch.setattr(records.ShardWriter, "write", real_write)
   real_process = prepare_lib._process_shard
   monkeypatch.setattr(prepare_lib, "_process_shard",
-                      lambda shard, *a, **k: calls.append(shard) or real_process(shard, *a, **k))
+                      lambda work, *a, **k: calls.append(work.shard) or real_process(work, *a, **k))
   prepare(small_config(), tokenizer, proxy, target, show_progress=False)
   assert calls == [2, 3]  # finished shards were not redone
   assert tree_hashes(target) == tree_hashes(out)

@@ -9,16 +9,16 @@ per step, clip 0.2, 4,096-token contexts (prompt bucket 5,120 with template and 
 8,192-token responses, 1,000 steps, dynamic sampling from step 500. bf16 compute, fp32 master
 weights and Adam state, full remat per decoder layer.
 
-The checkpoint: `model.hf_path` must be a LOCAL folder on every worker (`load_hf` reads local
-files; it has no GCS reader). Either mount the bucket read-only with gcsfuse on every worker,
+The checkpoint: `model.hf_path` is a folder (config.json + *.safetensors) on every worker, or a
+gs:// path read through the bucket's gcsfuse mount (rpt_jax.run_dir: `tpu_scripts/run.sh` mounts
+the workdir's bucket and any `--mount BUCKET`):
+
+    tpu_scripts/run.sh --workdir=gs://BUCKET/rpt/run1 -- \
+      --config.model.hf_path=gs://BUCKET/models/DeepSeek-R1-Distill-Qwen-14B
+
+Reading 30 GB through FUSE is slower than a local copy; to load from disk instead:
 
     gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command=\
-      'sudo mkdir -p /mnt/gcs && sudo chown $USER /mnt/gcs &&
-       gcsfuse --implicit-dirs -o ro BUCKET /mnt/gcs'
-
-or copy it to each worker's disk (~30 GB in bf16; faster to load than FUSE):
-
-    ... --worker=all --command=\
       'gcloud storage cp -r gs://BUCKET/models/DeepSeek-R1-Distill-Qwen-14B ~/'
     tpu_scripts/run.sh ... -- --config.model.hf_path=$HOME/DeepSeek-R1-Distill-Qwen-14B
 

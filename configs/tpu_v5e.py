@@ -5,8 +5,9 @@ r"""RPT on TPU v5e-256 (256 chips, 64 hosts): DeepSeek-R1-Distill-Qwen-14B, the 
     tpu_scripts/run.sh --config=configs/tpu_v5e.py --workdir=gs://BUCKET/rpt/run1
     python -m rpt_jax.compile_check --config=configs/tpu_v5e.py   # memory check, on any machine
 
-The recipe, the checkpoint (`model.hf_path`: a local folder or gcsfuse mount on every worker)
-and the data are as in configs/tpu_v4.py; the mesh, micro-batches and response length differ.
+The recipe, the checkpoint (`model.hf_path`: a folder on every worker, or gs:// through the
+bucket's gcsfuse mount) and the data are as in configs/tpu_v4.py; the mesh, micro-batches and
+response length differ.
 
 Memory per chip (v5e: 16 GiB HBM, one TensorCore per chip). Mesh data=4 x fsdp=8 x tensor=8,
 with `embed` sharded over data AND fsdp (sharding_rules below), so parameters are split all 256

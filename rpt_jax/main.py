@@ -25,7 +25,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rpt_jax import validate
+from rpt_jax import run_dir, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (a configs/*.py file).",
                                           lock_config=True)
@@ -67,11 +67,13 @@ def main(argv) -> None:
   initialize_distributed(config)
   try:
     _run(config, workdir, _MODE.value)
-  except validate.ConfigError as e:  # One line naming the field and the fix, no traceback.
+  except (validate.ConfigError, run_dir.NotMountedError) as e:  # One line: the field and fix.
     sys.exit(f"rpt_jax: config error: {e}")
 
 
 def _run(config, workdir: str, mode: str) -> None:
+  config = run_dir.localize_inputs(config)  # gs:// inputs through their bucket's gcsfuse mount
+  run_dir.files_dir(workdir)  # A gs:// workdir's bucket must be mounted: say so before work.
   validate.validate_config(config, mode=mode, num_devices=jax.device_count(),
                            num_processes=jax.process_count())
   from rpt_jax import pipeline  # After validation: imports the heavy machinery.

@@ -9,7 +9,9 @@ process 0 wrote. `tpu_scripts/run.sh` mounts the workdir's bucket before it star
 
 `files_dir("gs://B/runs/r1")` is `<mount of B>/runs/r1`, where the mount is found in
 `$RPT_GCS_MOUNT_ROOT/B` (set by tpu_scripts) or in /proc/mounts (any gcsfuse mount of B); a
-local workdir is returned unchanged.
+local workdir is returned unchanged. The run's inputs given as gs:// paths (the HF checkpoint,
+the tokenizer, the proxy, a corpus file) are read through mounts the same way
+(`localize_inputs`): tpu_scripts/run.sh mounts the workdir's bucket and any `--mount BUCKET`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ import os
 
 GCS_PREFIX = "gs://"
 MOUNT_ROOT_ENV = "RPT_GCS_MOUNT_ROOT"
+# Config fields naming files a run reads, mapped through the bucket mounts (`localize_inputs`).
+INPUT_FIELDS = ("model.hf_path", "tokenizer.path", "data.proxy_hf_path", "data.source.path")
+
+
+class NotMountedError(ValueError):
+  """A gs:// path whose bucket has no gcsfuse mount on this machine."""
 
 
 def split_gcs(path: str) -> tuple[str, str]:
@@ -46,8 +54,10 @@ def gcsfuse_mounts(mounts_file: str = "/proc/mounts") -> dict[str, str]:
   return found
 
 
-def files_dir(workdir: str, *, mounts_file: str = "/proc/mounts") -> str:
-  """The POSIX folder holding `workdir`'s files (see the module docstring)."""
+def files_dir(workdir: str, *, mounts_file: str = "/proc/mounts", what: str = "--workdir"
+              ) -> str:
+  """The POSIX path of `workdir` (a gs:// path through its bucket's mount; see the module
+  docstring). `what` names the setting in the error."""
   if not workdir.startswith(GCS_PREFIX):
     return workdir
   bucket, rest = split_gcs(workdir)
@@ -61,9 +71,25 @@ def files_dir(workdir: str, *, mounts_file: str = "/proc/mounts") -> str:
   for mount in candidates:
     if os.path.ismount(mount) or mount == mounted:
       return os.path.join(mount, rest) if rest else mount
-  raise ValueError(
-      f"--workdir={workdir!r}: bucket {bucket!r} is not mounted here. Checkpoints go to gs:// "
-      "directly, but the run's other files (tokenizer, records, metrics, eval) need the bucket "
-      f"mounted with gcsfuse on every worker: tpu_scripts/run.sh does it, or run `mkdir -p "
-      f"~/gcs/{bucket} && gcsfuse --implicit-dirs {bucket} ~/gcs/{bucket}` and set "
-      f"{MOUNT_ROOT_ENV}=~/gcs (or pass a local --workdir).")
+  raise NotMountedError(
+      f"{what}={workdir!r}: bucket {bucket!r} is not mounted here. rpt_jax reads and writes "
+      "run files (other than Orbax checkpoints) with POSIX file I/O, so the bucket must be "
+      "mounted with gcsfuse on every worker: tpu_scripts/run.sh mounts the workdir's bucket "
+      f"(and `--mount {bucket}`), or run `mkdir -p ~/gcs/{bucket} && gcsfuse --implicit-dirs "
+      f"{bucket} ~/gcs/{bucket}` and set {MOUNT_ROOT_ENV}=~/gcs; or give a local path.")
+
+
+def localize_inputs(config, *, mounts_file: str = "/proc/mounts"):
+  """A copy of the run config with gs:// INPUT_FIELDS replaced by their mounted paths."""
+  config = config.copy_and_resolve_references()
+  for field in INPUT_FIELDS:
+    *parents, name = field.split(".")
+    node = config
+    for parent in parents:
+      node = node.get(parent)
+      if node is None:
+        break
+    value = None if node is None else node.get(name)
+    if isinstance(value, str) and value.startswith(GCS_PREFIX):
+      node[name] = files_dir(value, mounts_file=mounts_file, what=field)
+  return config

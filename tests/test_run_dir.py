@@ -64,3 +64,36 @@ def test_a_run_on_a_gcs_workdir_writes_files_through_the_mount(mounts, monkeypat
   assert run.workdir == "gs://my-bucket/rpt/run1"  # Orbax: checkpoints straight to GCS
   assert run.files == os.path.join(mount, "rpt/run1")
   assert run.records_dir == os.path.join(mount, "rpt/run1", "records")
+
+
+def test_gcs_inputs_are_read_through_their_mounts(mounts):
+  from configs import local
+
+  mounts_file, mount = mounts
+  c = local.get_config()
+  c.model.hf_path = "gs://my-bucket/models/qwen"
+  c.data.proxy_hf_path = "/local/proxy"
+  out = run_dir.localize_inputs(c, mounts_file=mounts_file)
+  assert out.model.hf_path == os.path.join(mount, "models/qwen")
+  assert out.data.proxy_hf_path == "/local/proxy"
+  assert c.model.hf_path == "gs://my-bucket/models/qwen"  # the caller's config is untouched
+  c.tokenizer.path = "gs://elsewhere/tok.model"
+  with pytest.raises(run_dir.NotMountedError, match=r"tokenizer.path='gs://elsewhere/tok.model'"
+                     r": bucket 'elsewhere' is not mounted"):
+    run_dir.localize_inputs(c, mounts_file=mounts_file)
+
+
+def test_main_refuses_an_unmounted_gcs_workdir_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop(run_dir.MOUNT_ROOT_ENV, None)
+  result = subprocess.run(
+      [sys.executable, "-m", "rpt_jax.main", "--config=configs/local.py",
+       "--workdir=gs://rpt-no-such-bucket/run"], cwd=repo, env=env, capture_output=True,
+      text=True, timeout=300)
+  assert result.returncode == 1
+  assert ("rpt_jax: config error: --workdir='gs://rpt-no-such-bucket/run': bucket "
+          "'rpt-no-such-bucket' is not mounted here") in result.stderr
+  assert "Traceback" not in result.stderr

@@ -534,10 +534,13 @@ def test_gcs_mount_flags(env):
   assert result.returncode == 0, result.stderr
   assert split_ssh(argvs(env)[-1])[2][-5:] == ['--no-gcsfuse', '--repo', 'u', '--ref', 'main']
   result = run('run.sh', 'my-tpu', '--workdir=gs://b2/x/y', '--gcs-mount-root=/data/gcs',
-               env=env)
+               '--mount=gs://models', env=env)
   assert result.returncode == 0, result.stderr
   worker_argv = split_ssh(argvs(env)[-1])[2]
   i = worker_argv.index('--mount-bucket')
-  assert worker_argv[i:i + 4] == ['--mount-bucket', 'b2', '--mount-root', '/data/gcs']
+  assert worker_argv[i:i + 6] == ['--mount-bucket', 'b2', '--mount-bucket', 'models',
+                                  '--mount-root', '/data/gcs']
+  result = run('run.sh', 'my-tpu', '--workdir=/tmp/w', '--mount', 'Bad/Name', env=env)
+  assert result.returncode == 2 and "--mount wants a bucket name, got 'Bad/Name'" in result.stderr
   result = run('run.sh', 'my-tpu', '--workdir=gs:///x', env=env)
   assert result.returncode == 2 and 'names no bucket' in result.stderr

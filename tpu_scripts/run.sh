@@ -22,7 +22,9 @@ JAX finds the other hosts by itself on TPU (jax.distributed.initialize() without
 so there are no coordinator flags. Fails on a worker where a job is still running: stop.sh.
 For a gs:// workdir, each worker first mounts its bucket with gcsfuse at MOUNT_ROOT/BUCKET
 (installed by setup.sh): checkpoints go to gs:// directly, the run's other files (tokenizer,
-records, metrics, eval) through the mount, so every host reads what another wrote.
+records, metrics, eval) through the mount, so every host reads what another wrote. gs:// inputs
+(--config.model.hf_path=gs://..., the proxy, the tokenizer, a corpus file) are read through
+mounts too: the workdir's bucket, and any other given with --mount.
 
 Flags (flag / environment variable / default):
   --workdir DIR         WORKDIR           required; gs:// so that all workers share it
@@ -30,6 +32,7 @@ Flags (flag / environment variable / default):
   --env KEY=VALUE                         environment variable for the job (repeatable)
   --module MOD          MODULE            rpt_jax.main
   --gcs-mount-root DIR  GCS_MOUNT_ROOT    gcs  (on the workers, relative to home)
+  --mount BUCKET                          also mount this bucket (repeatable)
   --worker W            WORKER            all
 $REMOTE_FLAGS_HELP
 $COMMON_FLAGS_HELP
@@ -41,6 +44,7 @@ EOF
 
 ENVS=()
 EXTRA=()
+MOUNT=()
 while (($#)); do
   case $1 in
     --config | --config=*) flag_value "$@" && CONFIG=$VALUE ;;
@@ -48,6 +52,7 @@ while (($#)); do
     --env | --env=*) flag_value "$@" && ENVS+=(--env "$VALUE") ;;
     --module | --module=*) flag_value "$@" && MODULE=$VALUE ;;
     --gcs-mount-root | --gcs-mount-root=*) flag_value "$@" && GCS_MOUNT_ROOT=$VALUE ;;
+    --mount | --mount=*) flag_value "$@" && MOUNT+=(--mount-bucket "${VALUE#gs://}") ;;
     --worker | --worker=*) flag_value "$@" && WORKER=$VALUE ;;
     --config.*) usage_error "config overrides go to rpt_jax.main after --: $PROG ... -- $1" ;;
     --)
@@ -64,15 +69,20 @@ require_name
 validate_worker "$WORKER"
 [[ -n $WORKDIR ]] || usage_error "missing --workdir: pass --workdir gs://BUCKET/DIR (or set WORKDIR)"
 [[ -n $CONFIG ]] || usage_error "--config is empty"
-MOUNT=()
 if [[ $WORKDIR == gs://* ]]; then
   BUCKET=${WORKDIR#gs://}
   BUCKET=${BUCKET%%/*}
   [[ -n $BUCKET ]] || usage_error "--workdir '$WORKDIR' names no bucket: use gs://BUCKET/DIR"
-  [[ -n $GCS_MOUNT_ROOT ]] || usage_error "--gcs-mount-root is empty"
-  MOUNT=(--mount-bucket "$BUCKET" --mount-root "$GCS_MOUNT_ROOT")
+  MOUNT=(--mount-bucket "$BUCKET" ${MOUNT[@]+"${MOUNT[@]}"})
 else
   warn "--workdir '$WORKDIR' is not a gs:// path: on a pod slice every worker then writes to its own disk, and checkpoints cannot be restored across hosts"
+fi
+if ((${#MOUNT[@]})); then
+  [[ -n $GCS_MOUNT_ROOT ]] || usage_error "--gcs-mount-root is empty"
+  for ((i = 1; i < ${#MOUNT[@]}; i += 2)); do
+    [[ ${MOUNT[i]} =~ ^[a-z0-9][-a-z0-9_.]*$ ]] || usage_error "--mount wants a bucket name, got '${MOUNT[i]}'"
+  done
+  MOUNT+=(--mount-root "$GCS_MOUNT_ROOT")
 fi
 for kv in ${ENVS[@]+"${ENVS[@]}"}; do
   if [[ $kv != --env && ! $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; then

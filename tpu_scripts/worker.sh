@@ -26,7 +26,7 @@ run.sh, logs.sh and stop.sh; relative paths are relative to $HOME)
   setup --dir DIR --venv DIR [--repo URL [--ref REF] | --tarball FILE] [--python VERSION|system]
         [--extras LIST] [--find-links URL] [--sync-only] [--check] [--no-gcsfuse]
   start --dir DIR --venv DIR --log-dir DIR [--env KEY=VALUE]... [--module MOD] [--grace SECONDS]
-        [--mount-bucket BUCKET [--mount-root DIR]] -- ARGS...
+        [--mount-bucket BUCKET]... [--mount-root DIR] -- ARGS...
         (--grace: seconds the job must survive; default $RPT_START_GRACE or 3; --mount-root:
         default gcs, the job gets RPT_GCS_MOUNT_ROOT=DIR)
   stop  --log-dir DIR [--timeout SECONDS]
@@ -265,7 +265,7 @@ running() {
 
 cmd_start() {
   local dir='' venv='' log_dir='' module=rpt_jax.main grace=${RPT_START_GRACE:-3} envs=()
-  local bucket='' mount_root=gcs
+  local buckets=() mount_root=gcs bucket
   while (($#)); do
     case $1 in
       --dir) need_value "$1" $# && dir=$2 && shift ;;
@@ -274,7 +274,7 @@ cmd_start() {
       --env) need_value "$1" $# && envs+=("$2") && shift ;;
       --module) need_value "$1" $# && module=$2 && shift ;;
       --grace) need_value "$1" $# && grace=$2 && shift ;;
-      --mount-bucket) need_value "$1" $# && bucket=$2 && shift ;;
+      --mount-bucket) need_value "$1" $# && buckets+=("$2") && shift ;;
       --mount-root) need_value "$1" $# && mount_root=$2 && shift ;;
       --)
         shift
@@ -297,9 +297,9 @@ cmd_start() {
     die "a job is already running here (pid $pid): stop it first with stop.sh"
   fi
   rm -f "$pid_file"
-  if [[ -n $bucket ]]; then
+  if ((${#buckets[@]})); then
     mount_root=$(abs_path "$mount_root")
-    mount_bucket "$bucket" "$mount_root/$bucket"
+    for bucket in "${buckets[@]}"; do mount_bucket "$bucket" "$mount_root/$bucket"; done
     export RPT_GCS_MOUNT_ROOT=$mount_root
   fi
   local kv

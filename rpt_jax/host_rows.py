@@ -43,18 +43,23 @@ def batch_feed(sharding: NamedSharding, global_batch: int,
   held: dict[int, set[int]] = {}
   for device, index in sharding.devices_indices_map(shape).items():
     held.setdefault(device.process_index, set()).update(range(*index[0].indices(global_batch)))
+  return feed_of(held, me)
+
+
+def feed_of(held: dict[int, set[int]], process: int) -> BatchFeed:
+  """The BatchFeed of `process`, given the rows every process holds ({process: rows})."""
   groups = sorted({tuple(sorted(rows)) for rows in held.values()})
   seen: set[int] = set()
   for rows in groups:
     if seen & set(rows):
       raise ValueError(
-          f"processes hold overlapping but different rows of the {global_batch}-row batch "
-          f"({groups}); choose mesh sizes whose batch shards map to whole processes.")
+          f"processes hold overlapping but different rows of the batch ({groups}); choose "
+          "mesh sizes whose batch shards map to whole processes.")
     seen.update(rows)
-  mine = tuple(sorted(held[me]))
+  mine = tuple(sorted(held[process]))
   leader = min(p for p, rows in held.items() if tuple(sorted(rows)) == mine)
   return BatchFeed(rows=mine, group=groups.index(mine), num_groups=len(groups),
-                   leader=leader == me)
+                   leader=leader == process)
 
 
 def to_global(sharding: NamedSharding, local: np.ndarray, global_batch: int) -> jax.Array:

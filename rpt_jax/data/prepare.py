@@ -34,6 +34,7 @@ import itertools
 import json
 import os
 import shutil
+import time
 import warnings
 from typing import Any, Iterator, Mapping
 
@@ -47,6 +48,7 @@ from rpt_jax.data import filtering, records
 from rpt_jax.data.sources import SourceConfig, SourceStats, iter_documents
 
 MANIFEST = "manifest.json"
+MARKER_WAIT_S = 60.0  # how long process 0 waits for other hosts' shard markers to appear
 PROGRESS = "progress"
 MANIFEST_FORMAT = "rpt_jax.position_records"
 _TOKENIZER_PROBE = ("The quick brown fox jumps over 13 lazy dogs: 4827 + 3596 = 8423. "
@@ -423,7 +425,12 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
 
 def _finish(identity, marker_paths, stats, config, progress_dir, out_dir, created):
   """The manifest from every shard's marker (process 0)."""
-  missing = [p for p in marker_paths if not os.path.exists(p)]
+  deadline = time.monotonic() + MARKER_WAIT_S
+  while True:  # Markers other hosts wrote may show up late on a network file system.
+    missing = [p for p in marker_paths if not os.path.exists(p)]
+    if not missing or time.monotonic() > deadline:
+      break
+    time.sleep(1.0)
   if missing:
     raise FileNotFoundError(f"shard markers {missing} are missing after every shard was scored; "
                             "is out_dir on a file system all processes share?")

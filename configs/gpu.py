@@ -28,9 +28,10 @@ growing with the response length N: ~30 GiB + ~17 GiB per layer's scores at N = 
 do not fit beside the 34 GiB train state. At N = 4,096 they are ~15 GiB and ~5.6 GiB. A fused
 (flash) attention kernel would lift this limit; see the issue "Pods" report.
 No GPU topology can be described without GPUs, so from a CPU machine the check counts arrays
-only. Compiled on a TPU stand-in with the same 8-device mesh (v5p:2x2x2; XLA's GPU buffer
-assignment differs, so treat these as estimates): train_step 60.7 GiB, sampler_prefill 23.4 GiB,
-sampler_decode 39.9 GiB (incl. the resident Adam state) of the 72 GiB budget. On the GPU host,
+only. Compiled on a TPU stand-in with the same 8-device mesh (v5p:2x2x2, attention traced as
+on an accelerator; XLA's GPU buffer assignment differs, so treat these as estimates):
+train_step 69.1 GiB, sampler_prefill 26.6 GiB, sampler_decode 38.8 GiB (incl. the resident Adam
+state) of the 72 GiB budget. On the GPU host,
 `python -m rpt_jax.compile_check --config=configs/gpu.py` compiles for the real devices.
 """
 

@@ -51,8 +51,11 @@ the prefill of both contexts (2 contexts cannot be split 16 ways, so every chip 
 micro-step multiply all of it: 16 contexts (1 per batch shard, what rpt_jax.validate asks for
 today) need ~65 GiB of temporaries.
 Compiled for v4:4x4x4 (libtpu 0.0.42.1, `python -m rpt_jax.compile_check
---config=configs/tpu_v4.py`), per chip incl. the resident Adam state while sampling:
-train_step 20.9 GiB, sampler_prefill 5.2 GiB, sampler_decode 21.3 GiB (of a 28.8 GiB budget).
+--config=configs/tpu_v4.py`, traced as the TPU runs it), per chip incl. the resident Adam state
+while sampling: train_step 23.5 GiB, sampler_prefill 5.7 GiB, sampler_decode 21.0 GiB (of a
+28.8 GiB budget). Decode = 1.3 GiB arguments + 1.7 GiB Adam + 18.0 GiB temporaries: the 9.75 GiB
+cache, ~4.4 GiB of bf16 weight shards all-gathered over fsdp that XLA keeps across decode steps
+(loop-invariant gathers leave the while loop), the prefill cache and the step's activations.
 Host layout: each tensor group spans hosts, so several processes hold each batch shard (the
 report's `hosts_per_batch_shard`); they read the same rows of every global batch
 (`rpt_jax.train.process_batch_rows`), as tests/test_multihost.py checks on 2 CPU processes.

@@ -31,8 +31,9 @@ temporaries per chip (AOT against v5e:16x16): over the 16 GiB chip. N = 4,096 ro
 the residuals and cuts the scores by 3x. A fused attention kernel (no [N, S] scores) would bring
 8,192 back; see the issue "Pods" report.
 Compiled for v5e:16x16 (libtpu 0.0.42.1, `python -m rpt_jax.compile_check
---config=configs/tpu_v5e.py`), per chip incl. the resident Adam state while sampling:
-train_step 11.2 GiB, sampler_prefill 7.7 GiB, sampler_decode 5.1 GiB (of a 14.4 GiB budget).
+--config=configs/tpu_v5e.py`, traced as the TPU runs it), per chip incl. the resident Adam state
+while sampling: train_step 9.5 GiB, sampler_prefill 6.6 GiB, sampler_decode 7.5 GiB (of a
+14.4 GiB budget).
 Host layout: each tensor group spans hosts, so several processes hold each batch shard (the
 report's `hosts_per_batch_shard`); they read the same rows of every global batch
 (`rpt_jax.train.process_batch_rows`), as tests/test_multihost.py checks on 2 CPU processes.

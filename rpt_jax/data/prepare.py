@@ -380,6 +380,7 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
       proxy_model, mesh=mesh, batch_size=config.score_batch_size, seq_len=config.score_seq_len,
       k=config.topk, logits_chunk=config.logits_chunk)
   feed = scorer.feed
+  leader = sync.group_leader(feed)
   src = config.source
   total = src.synthetic.num_documents if src.kind == "synthetic" else None
   if src.max_documents is not None:
@@ -393,7 +394,7 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
       docs = batch[feed.group] if feed.group < len(batch) else []
       marker_path = os.path.join(progress_dir, f"shard-{mine:05d}.json")
       # The group follows its leader's view of the marker (a file system may lag elsewhere).
-      done = sync.group_leader_flag(feed, os.path.exists(marker_path) or not docs)
+      done = sync.flag_of(leader, os.path.exists(marker_path) or not docs)
       work = _ShardWork(mine, mine * config.docs_per_shard, [] if done else docs, config,
                         tokenizer)
       # Collective: every process dispatches the same number of scorer batches (padding when
@@ -475,15 +476,17 @@ class _Sync:
   def all_ok(self, ok: bool) -> bool:
     return bool(np.min(self._gather(int(ok)))) if self.multi else ok
 
-  def group_leader_flag(self, feed, flag: bool) -> bool:
-    """`flag` as this process's feed-group leader sees it (process-ordered gather)."""
+  def group_leader(self, feed) -> int:
+    """The process index of the leader of this process's feed group (one gather, once)."""
     if not self.multi:
-      return flag
-    flags = self._gather(int(flag))
+      return 0
     leaders = self._gather(jax.process_index() if feed.leader else -1)
     groups = self._gather(feed.group)
-    leader = int(max(p for p, g in zip(leaders, groups) if g == feed.group))
-    return bool(flags[leader])
+    return int(max(p for p, g in zip(leaders, groups) if g == feed.group))
+
+  def flag_of(self, process: int, flag: bool) -> bool:
+    """`flag` as `process` sees it (every process calls this with its own flag)."""
+    return bool(self._gather(int(flag))[process]) if self.multi else flag
 
 
 def main(argv: list[str] | None = None) -> None:

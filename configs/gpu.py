@@ -49,11 +49,7 @@ def get_config():
   c = base.get_config()
   c.workdir = ""  # --workdir=/data/rpt/RUN
 
-  c.model.hf_path = "/data/models/DeepSeek-R1-Distill-Qwen-14B"
-  c.model.param_dtype = "float32"
-  c.model.compute_dtype = "bfloat16"
-  c.model.remat = "full"
-  c.data.proxy_hf_path = "/data/models/DeepSeek-R1-Distill-Qwen-1.5B"
+  tpu_v4.use_r1_distill_qwen_14b(c, "/data/models")
 
   c.mesh.update(data=1, fsdp=1, tensor=8)
   c.data.score_batch_size = 16

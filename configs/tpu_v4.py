@@ -79,15 +79,22 @@ R1_DISTILL_QWEN_14B = dict(
     sliding_window=131072, bos_token_id=151646, eos_token_id=151643)
 
 
+def use_r1_distill_qwen_14b(c, models: str) -> None:
+  """The paper's policy (R1-Distill-Qwen-14B) and proxy (1.5B) from the folder `models` (a local
+  path on every worker, or gs:// read through the bucket's gcsfuse mount: rpt_jax.run_dir),
+  fp32 master weights, bf16 compute, full remat per decoder layer."""
+  c.model.hf_path = f"{models}/DeepSeek-R1-Distill-Qwen-14B"
+  c.model.param_dtype = "float32"
+  c.model.compute_dtype = "bfloat16"
+  c.model.remat = "full"
+  c.data.proxy_hf_path = f"{models}/DeepSeek-R1-Distill-Qwen-1.5B"
+
+
 def get_config():
   c = base.get_config()
   c.workdir = ""  # --workdir=gs://BUCKET/rpt/RUN (shared by every worker)
 
-  c.model.hf_path = "/mnt/gcs/models/DeepSeek-R1-Distill-Qwen-14B"
-  c.model.param_dtype = "float32"
-  c.model.compute_dtype = "bfloat16"
-  c.model.remat = "full"
-  c.data.proxy_hf_path = "/mnt/gcs/models/DeepSeek-R1-Distill-Qwen-1.5B"
+  use_r1_distill_qwen_14b(c, "gs://BUCKET/models")  # --config.model.hf_path=... to override
 
   c.mesh.update(data=1, fsdp=16, tensor=4)
   c.data.score_batch_size = 64  # a multiple of the 16-way batch split

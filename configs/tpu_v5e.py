@@ -53,11 +53,7 @@ def get_config():
   c = base.get_config()
   c.workdir = ""  # --workdir=gs://BUCKET/rpt/RUN (shared by every worker)
 
-  c.model.hf_path = "/mnt/gcs/models/DeepSeek-R1-Distill-Qwen-14B"
-  c.model.param_dtype = "float32"
-  c.model.compute_dtype = "bfloat16"
-  c.model.remat = "full"
-  c.data.proxy_hf_path = "/mnt/gcs/models/DeepSeek-R1-Distill-Qwen-1.5B"
+  tpu_v4.use_r1_distill_qwen_14b(c, "gs://BUCKET/models")  # as in configs/tpu_v4.py
 
   c.mesh.update(data=4, fsdp=8, tensor=8)
   # rpt_jax.mesh.DEFAULT_RULES with `embed` over data x fsdp: fully sharded weights (ZeRO-3 over

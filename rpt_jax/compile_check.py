@@ -69,6 +69,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
+from rpt_jax import host_rows
 from rpt_jax import mesh as mesh_lib
 from rpt_jax import validate
 from rpt_jax.model.config import ModelConfig
@@ -223,11 +224,11 @@ def shared_batch_shards(mesh: Mesh, rules: mesh_lib.ShardingRules) -> int:
   arranges (every process of a shard gets the same row set).
   """
   batch_axes = mesh_lib._as_tuple(rules.mesh_axes("batch"))  # pylint: disable=protected-access
-  other = [i for i, a in enumerate(mesh.axis_names) if a not in batch_axes]
-  procs = np.vectorize(lambda d: d.process_index)(mesh.devices)
-  groups = np.moveaxis(procs, other, list(range(procs.ndim - len(other), procs.ndim)))
-  groups = groups.reshape(-1, math.prod(procs.shape[i] for i in other) if other else 1)
-  return max(len(set(row.tolist())) for row in groups)
+  shards = math.prod(mesh.shape[a] for a in batch_axes)
+  held = host_rows.rows_by_process(  # one row per batch shard
+      jax.sharding.NamedSharding(mesh, rules.spec(("batch",))), shards)
+  groups = [tuple(sorted(rows)) for rows in held.values()]
+  return max(groups.count(rows) for rows in groups)
 
 
 def _hbm_for(device_kind: str, settings: dict[str, Any]) -> int:

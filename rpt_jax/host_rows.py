@@ -39,11 +39,16 @@ def batch_feed(sharding: NamedSharding, global_batch: int,
   whose first axis has `global_batch` rows. Raises ValueError for a layout where two processes
   hold overlapping but different row sets (no consistent feeding exists)."""
   me = jax.process_index() if process_index is None else process_index
+  return feed_of(rows_by_process(sharding, global_batch), me)
+
+
+def rows_by_process(sharding: NamedSharding, global_batch: int) -> dict[int, set[int]]:
+  """{process index: the rows of a [global_batch, ...] array its devices hold} for `sharding`."""
   shape = (global_batch,) + (1,) * (len(sharding.spec) - 1)
   held: dict[int, set[int]] = {}
   for device, index in sharding.devices_indices_map(shape).items():
     held.setdefault(device.process_index, set()).update(range(*index[0].indices(global_batch)))
-  return feed_of(held, me)
+  return held
 
 
 def feed_of(held: dict[int, set[int]], process: int) -> BatchFeed:

@@ -16,8 +16,8 @@ loader state is checkpointed with the parameters, so a resumed run logs the same
 
 Several processes (multi-host): each process's loader reads the rows of every global batch that
 its devices hold under the batch sharding (`process_batch_rows`), rows go to device with
-`jax.make_array_from_process_local_data` and come back with `process_rows`; the sampler and the
-update are SPMD programs every process runs in lockstep. Everything logged is global: reward
+`jax.make_array_from_process_local_data` and come back with `host_rows.local_rows`; the sampler
+and the update are SPMD programs every process runs in lockstep. Everything logged is global: reward
 metrics are computed on the all-gathered rewards of all processes. Global batch n holds the same
 records for every process count, so the same config logs the same numbers on 1 or N processes
 (to fp32 reduction order) and a checkpoint restores under another process count: its Grain
@@ -165,16 +165,14 @@ def _pad_prompts(batch: update.RolloutBatch, width: int, pad_id: int) -> update.
                                             constant_values=pad_id))
 
 
-process_rows = host_rows.local_rows  # This process's rows of a batch-sharded array.
-
-
 class RPTTrainer:
   """Owns the policy's train state, the sampler and the jitted update; runs the RPT loop."""
 
   def __init__(self, model: nnx.Module, tokenizer, config: RPTConfig, *, mesh: Mesh,
                rules: mesh_lib.ShardingRules | None = None, workdir: str,
                files_dir: str | None = None,
-               checkpointer: checkpoint_lib.Checkpointer | None = None, keep_checkpoints: int = 3, progress: bool = True):
+               checkpointer: checkpoint_lib.Checkpointer | None = None,
+               keep_checkpoints: int = 3, progress: bool = True):
     self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
     self.rules = rules or mesh_lib.ShardingRules()
     self.workdir, self.progress = workdir, progress
@@ -293,7 +291,7 @@ class RPTTrainer:
         params=self.state.params, micro_batch=cfg.rollout_micro_batch)
     # Batch-sharded again (micro-batch outputs are concatenated) so each process reads its rows.
     rows = jax.device_put((out.tokens, out.lengths, out.done), self.batch_sharding)
-    return tuple(process_rows(x) for x in rows)
+    return tuple(host_rows.local_rows(x) for x in rows)
 
   def score(self, batch: PromptBatch, tokens: np.ndarray, lengths: np.ndarray,
             done: np.ndarray):

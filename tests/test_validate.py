@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+import micro_run
 from rpt_jax import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,14 +26,8 @@ DEVICES = 8
 
 def _config(**overrides):
   """configs/local.py with dotted overrides ('rl__top_p' -> rl.top_p)."""
-  c = local.get_config()
-  for name, value in overrides.items():
-    *parents, leaf = name.split("__")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return micro_run.apply_overrides(
+      local.get_config(), {name.replace("__", "."): value for name, value in overrides.items()})
 
 
 def _check(config, mode="all", num_devices=DEVICES, num_processes=1):

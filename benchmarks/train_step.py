@@ -44,6 +44,7 @@ sys.path.insert(0, ROOT)
 from rpt_jax.model.config import ModelConfig  # noqa: E402
 from rpt_jax.model.transformer import Transformer  # noqa: E402
 from rpt_jax.rl import optim, update  # noqa: E402
+from rpt_jax.rl import train_state
 from rpt_jax.rl.loss import LossConfig  # noqa: E402
 from timing import best_time, matmul_peak  # noqa: E402  (benchmarks/timing.py)
 
@@ -127,7 +128,7 @@ def main():
         f"{peak / 1e12:.2f} TFLOP/s\n")
 
   model = Transformer(cfg, rngs=nnx.Rngs(0))
-  graphdef, _ = update.split_params(model)
+  graphdef, _ = train_state.split_params(model)
   opt = optim.make_optimizer(1e-6)
   batch = make_batch(cfg, b, g, lp, n)
   batch = jax.tree.map(jnp.asarray, batch)
@@ -140,7 +141,7 @@ def main():
     step = update.make_train_step(graphdef, LossConfig(), opt, num_generations=g,
                                   temperature=0.8, micro_batch_contexts=micro,
                                   shared_prefix=shared, logprob_chunk_size=args.logprob_chunk)
-    state = update.create_train_state(model, opt)
+    state = train_state.create_train_state(model, opt)
     temp = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
     holder = [state]
 

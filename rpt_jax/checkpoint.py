@@ -340,6 +340,24 @@ class Checkpointer:
         + "\nIf the abstract train state no longer matches the saved one, restore with the old "
         "structure; otherwise move the damaged directory away to start afresh.") from last_error
 
+  def restore_params(self, abstract_params: PyTree, step: int | None = None
+                     ) -> tuple[int, PyTree] | None:
+    """Only the parameters of a train-state checkpoint (`step`, default the newest), onto the
+    shardings in `abstract_params` (the `params` field of the saved state); None if there is no
+    checkpoint. The optimiser state is never read: evaluation and export need the weights alone.
+    """
+    self._manager.wait_until_finished()
+    self._manager.reload()
+    step = self._manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    item = {"params": abstract_keys_to_data(abstract_params)}
+    path = self.directory / str(step) / TRAIN_STATE_ITEM
+    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+    return step, data_to_keys(restored["params"], abstract_params)
+
   # -- preemption --------------------------------------------------------------------------------
 
   def install_sigterm_handler(self) -> bool:

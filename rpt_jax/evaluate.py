@@ -1,4 +1,4 @@
-"""Evaluation: next-token accuracy by difficulty (the paper's Table 1), and its scaling curve.
+"""Evaluation: next-token accuracy by difficulty (the paper's Table 1).
 
 This module owns the held-out evaluation of a policy on prepared position records:
 
@@ -12,10 +12,8 @@ This module owns the held-out evaluation of a policy on prepared position record
   `num_samples` answers, and each is scored with `rpt_jax.rl.reward.score_rollouts`; the paper's
   metric is the reward of ONE sampled answer (the first sample), reported with the mean over
   samples, pass@k (unbiased estimator), the format rate and the mean response length.
-- `evaluate` -> a JSON-able report {split: {metric: value}} in percent, `format_table` (Table-1
-  shaped text), `plot_report` (grouped bars, several labelled reports), `write_report`.
-- Across checkpoints: `scaling_report` fits P(C) = A / C^alpha + P* per split with
-  `rpt_jax.scaling`, and `rl_step_flops` gives the compute C of one RL step.
+- `evaluate` -> a JSON-able report {split: {metric: value}} in percent; `rpt_jax.report` writes,
+  tabulates and plots it, `rpt_jax.scaling` fits its curve across checkpoints.
 
 Metrics of a split with no position are None (JSON null), never NaN.
 """
@@ -24,9 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +32,6 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rpt_jax import mesh as mesh_lib
-from rpt_jax import scaling
 from rpt_jax.data.pipeline import read_manifest
 from rpt_jax.data.records import SPLITS, PositionRecord, read_shard
 from rpt_jax.rl import prompts
@@ -43,11 +39,6 @@ from rpt_jax.rl import reward as reward_lib
 
 MODES = ("standard", "reasoning")
 SPLIT_NAMES = ("easy", "medium", "hard")  # names of buckets >= 1, 2, 3 (the paper's three)
-MODE_LABELS = {"proxy_accuracy": "proxy argmax (data preparation)",
-               "standard_accuracy": "standard next-token prediction (argmax)",
-               "reasoning_accuracy": "next-token reasoning (1 sample)",
-               "reasoning_mean_reward": "next-token reasoning (mean over samples)",
-               "format_rate": "answer format rate", "mean_response_length": "response tokens"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,22 +223,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
 
 
-def _prompt_ids(record: PositionRecord, tokenizer, template: str, max_len: int
-                ) -> tuple[list[int], bool]:
-  """The prompt ids, left-truncated (context tokens dropped from the start) to `max_len`."""
-  context = record.context_ids
-  ids = prompts.build_prompt_ids(tokenizer.decode(context), tokenizer, template)
-  truncated = False
-  while len(ids) > max_len:
-    if len(context) == 0:
-      raise ValueError(f"prompt template {template!r} alone takes {len(ids)} tokens, more than "
-                       f"the largest prompt bucket {max_len}; raise prompt_buckets.")
-    context = context[len(ids) - max_len:]  # decode/encode may not be 1:1: loop until it fits
-    ids = prompts.build_prompt_ids(tokenizer.decode(context), tokenizer, template)
-    truncated = True
-  return ids, truncated
-
-
 def _host(x) -> np.ndarray:
   """The whole value of a (possibly multi-process, batch-sharded) array on every process."""
   if not isinstance(x, jax.Array) or x.is_fully_addressable:
@@ -277,7 +252,8 @@ def reasoning_accuracy(sampler, tokenizer, positions: Sequence[PositionRecord], 
   """
   n, buckets = len(positions), tuple(int(b) for b in prompt_buckets)
   stop_ids = tuple(int(i) for i in tokenizer.stop_ids)
-  built = [_prompt_ids(p, tokenizer, template, buckets[-1]) for p in positions]
+  built = [prompts.fitted_prompt_ids(p.context_ids, tokenizer, template, buckets[-1])
+           for p in positions]
   rewards = np.zeros((n, num_samples), np.float32)
   correct = np.zeros((n, num_samples), bool)
   formatted = np.zeros((n, num_samples), bool)
@@ -297,18 +273,14 @@ def reasoning_accuracy(sampler, tokenizer, positions: Sequence[PositionRecord], 
                            max_new_tokens=max_new_tokens, temperature=temperature,
                            eos_ids=stop_ids, rng=jax.random.fold_in(rng, b), params=params,
                            micro_batch=micro_batch)
-    out_tokens, out_lengths = _host(out.tokens), _host(out.lengths)
-    texts, lens, completions, bounds = [], [], [], []
-    for j, i in enumerate(rows):
-      for g in range(num_samples):
-        row = j * num_samples + g  # context j owns rows j*G .. j*G+G-1
-        ids = out_tokens[row, :int(out_lengths[row])].tolist()
-        if ids and ids[-1] in stop_ids:
-          ids = ids[:-1]
-        texts.append(tokenizer.decode(ids))
-        lens.append(int(out_lengths[row]))
-        completions.append(positions[i].completion)
-        bounds.append(positions[i].boundaries.tolist())
+    # Context j owns rows j*G .. j*G+G-1; rows past the real contexts are dropped.
+    real = len(rows) * num_samples
+    out_tokens, out_lengths, out_done = (_host(x)[:real] for x in (out.tokens, out.lengths,
+                                                                    out.done))
+    texts = prompts.response_texts(tokenizer, out_tokens, out_lengths, out_done)
+    lens = [int(n) for n in out_lengths]
+    completions = [positions[i].completion for i in rows for _ in range(num_samples)]
+    bounds = [positions[i].boundaries.tolist() for i in rows for _ in range(num_samples)]
     scored = reward_lib.score_rollouts(texts, completions, bounds, reward=reward,
                                        response_lengths=lens)
     shape = (len(rows), num_samples)
@@ -380,146 +352,3 @@ def evaluate(model: nnx.Module | None, tokenizer, sampler, records_dir: str, *,
         "mean_response_length": _mean(r.get("response_length"), mask, scale=1.0),
         "truncated_prompts": int(r["truncated"][mask].sum()) if r else None}
   return report
-
-
-def format_table(report: Mapping[str, Mapping[str, Any]]) -> str:
-  """A Table-1-shaped markdown table: rows = modes/metrics, columns = splits (with counts)."""
-  splits = list(report)
-  metrics = ["proxy_accuracy", "standard_accuracy", "reasoning_accuracy", "reasoning_mean_reward"]
-  extra = [k for k in next(iter(report.values())) if k.startswith("pass@")] + ["format_rate"]
-  header = ["mode (accuracy %)"] + [f"{s} (n={report[s]['num_positions']})" for s in splits]
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for metric in metrics + extra + ["mean_response_length"]:
-    values = [report[s].get(metric) for s in splits]
-    if all(v is None for v in values):
-      continue
-    cells = ["-" if v is None else f"{v:.2f}" for v in values]
-    lines.append("| " + " | ".join([MODE_LABELS.get(metric, metric)] + cells) + " |")
-  return "\n".join(lines)
-
-
-def _as_labelled(reports) -> dict[str, Mapping[str, Any]]:
-  first = next(iter(reports.values()), None)
-  if isinstance(first, Mapping) and "num_positions" in first:
-    return {"": reports}  # a single report
-  return dict(reports)
-
-
-def plot_report(reports, path: str | os.PathLike,
-                metrics: Sequence[str] = ("standard_accuracy", "reasoning_accuracy"),
-                title: str | None = None) -> str:
-  """Grouped bars per split (accuracy %), one bar per (label, metric) that has values.
-
-  `reports`: one report, or {label: report} (e.g. {'before RPT': r0, 'after RPT': r1}).
-  """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
-  labelled = _as_labelled(reports)
-  splits = list(dict.fromkeys(s for r in labelled.values() for s in r))
-  series = [(label, m) for label, r in labelled.items() for m in metrics
-            if any(r.get(s, {}).get(m) is not None for s in splits)]
-  fig = Figure(figsize=(max(6.0, 1.6 * len(splits) + 0.4 * len(series)), 4.2), dpi=120)
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot(1, 1, 1)
-  width = 0.8 / max(len(series), 1)
-  x = np.arange(len(splits))
-  for i, (label, metric) in enumerate(series):
-    values = [labelled[label].get(s, {}).get(metric) for s in splits]
-    heights = [np.nan if v is None else v for v in values]
-    name = MODE_LABELS.get(metric, metric)
-    ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width,
-           label=f"{label}: {name}" if label else name)
-  ax.set_xticks(x, [f"{s}\n(n={next(r[s]['num_positions'] for r in labelled.values() if s in r)})"
-                    for s in splits])
-  ax.set_ylabel("next-token accuracy (%)")
-  if title:
-    ax.set_title(title)
-  ax.legend(fontsize=7)
-  ax.grid(True, axis="y", alpha=0.3)
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, bbox_inches="tight")
-  return path
-
-
-def write_report(report: Mapping[str, Any], out_dir: str, name: str) -> str:
-  """Writes `report` as `{out_dir}/{name}.json` (atomically; sorted keys); returns the path."""
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"{name}.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(report, f, indent=1, sort_keys=True, allow_nan=False)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
-  return path
-
-
-# ---- compute and scaling ------------------------------------------------------------------------
-
-def rl_step_flops(model_config, *, contexts: int, generations: int, prompt_len: int,
-                  response_len: int, shared_prefix: bool = True) -> float:
-  """Model FLOPs of one RL step (rollouts + one policy update), as used for the x-axis of the
-  scaling law.
-
-      tokens = contexts * (prompt_len + generations * response_len)    (shared_prefix: each
-               context prefilled once, as this project samples and trains)
-             = contexts * generations * (prompt_len + response_len)    (otherwise)
-      flops  = (1 + 3) * tokens * F(prompt_len + response_len)
-
-  where F = `ModelConfig.flops_per_token` (forward FLOPs per token, attention over the full
-  prompt + response window as a static-cache dense attention computes it); 1 forward for the
-  rollouts (the sampler's log-probs serve as the old policy's: exact on-policy, no extra pass,
-  no reference model at zero KL) and 3 for training (forward + backward = 2 forwards). Remat
-  recomputation is not counted (model FLOPs, not hardware FLOPs). Pass the measured mean
-  response length for the compute actually spent, or max_new_tokens for the static upper bound.
-  """
-  for name, v in (("contexts", contexts), ("generations", generations),
-                  ("prompt_len", prompt_len), ("response_len", response_len)):
-    if v < 0:
-      raise ValueError(f"rl_step_flops {name}={v} must be >= 0.")
-  if shared_prefix:
-    tokens = contexts * (prompt_len + generations * response_len)
-  else:
-    tokens = contexts * generations * (prompt_len + response_len)
-  return 4.0 * tokens * model_config.flops_per_token(prompt_len + response_len)
-
-
-def scaling_report(points: Sequence[tuple[float, Mapping[str, Mapping[str, Any]]]],
-                   out_dir: str, *, metric: str = "reasoning_accuracy") -> dict[str, Any]:
-  """Fits P(C) = A / C^alpha + P* per split on `metric` (%) vs cumulative training compute C.
-
-  Args:
-    points: (train_flops, report) per evaluated checkpoint (C > 0).
-    out_dir: where `scaling.png` (if any split was fitted) and `scaling.json` go.
-
-  Returns:
-    {split: {'A', 'alpha', 'p_star', 'r2', 'num_points'} or {'error': why, 'num_points'}}
-    plus 'plot': the PNG path or None. A split with fewer than 3 usable points (or too few
-    distinct compute values) gets 'not enough points: ...' as its error.
-  """
-  splits = list(dict.fromkeys(s for _, r in points for s in r))
-  fits, measured, out = {}, {}, {}
-  for split in splits:
-    pairs = [(float(c), r[split][metric]) for c, r in points
-             if split in r and r[split].get(metric) is not None]
-    c, p = np.array([x for x, _ in pairs]), np.array([y for _, y in pairs])
-    measured[split] = (c, p)
-    if len(pairs) < 3 or np.unique(c).size < 3:
-      out[split] = {"error": f"not enough points: {len(pairs)} with {metric} at "
-                             f"{np.unique(c).size} distinct compute values; the fit needs 3.",
-                    "num_points": len(pairs)}
-      continue
-    try:
-      fit = scaling.fit_scaling_law(c, p)
-    except ValueError as e:
-      out[split] = {"error": str(e), "num_points": len(pairs)}
-      continue
-    fits[split] = fit
-    out[split] = {"A": fit.A, "alpha": fit.alpha, "p_star": fit.p_star, "r2": fit.r2,
-                  "num_points": len(pairs)}
-  out["plot"] = (scaling.plot_scaling(fits, {s: measured[s] for s in fits},
-                                      os.path.join(out_dir, "scaling.png"),
-                                      xlabel="RL training compute (FLOPs)",
-                                      ylabel=f"{metric} (%)") if fits else None)
-  write_report(out, out_dir, "scaling")
-  return out

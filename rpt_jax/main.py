@@ -26,6 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rpt_jax import run_dir, validate
+from rpt_jax import spec as spec_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (a configs/*.py file).",
                                           lock_config=True)
@@ -58,14 +59,15 @@ def main(argv) -> None:
   workdir = _WORKDIR.value or config.workdir
   if not workdir:
     raise app.UsageError("--workdir is required (or set the config's `workdir`).")
-  if _MODE.value == "compile_check":
-    # Compiles for the config's TARGET devices (a described TPU slice), not this machine's, so
-    # this machine's device count must not be validated against the config's mesh.
-    from rpt_jax import compile_check
-    print(json.dumps(compile_check.check_run_config(config), indent=2, default=str))
-    return
-  initialize_distributed(config)
   try:
+    if _MODE.value == "compile_check":
+      # Compiles for the config's TARGET devices (a described TPU slice), not this machine's,
+      # so this machine's device count must not be validated against the config's mesh.
+      from rpt_jax import compile_check
+      report = compile_check.check_run_config(spec_lib.RunSpec.from_config(config))
+      print(json.dumps(report, indent=2, default=str))
+      return
+    initialize_distributed(config)
     _run(config, workdir, _MODE.value)
   except (validate.ConfigError, run_dir.NotMountedError) as e:  # One line: the field and fix.
     sys.exit(f"rpt_jax: config error: {e}")
@@ -74,11 +76,12 @@ def main(argv) -> None:
 def _run(config, workdir: str, mode: str) -> None:
   config = run_dir.localize_inputs(config)  # gs:// inputs through their bucket's gcsfuse mount
   run_dir.files_dir(workdir)  # A gs:// workdir's bucket must be mounted: say so before work.
-  validate.validate_config(config, mode=mode, num_devices=jax.device_count(),
-                           num_processes=jax.process_count())
+  spec = spec_lib.RunSpec.from_config(config)
+  validate.validate_run(spec, mode=mode, num_devices=jax.device_count(),
+                        num_processes=jax.process_count())
   from rpt_jax import pipeline  # After validation: imports the heavy machinery.
 
-  run = pipeline.Run(config, workdir)
+  run = pipeline.Run(spec, workdir)
   result = {
       "all": run.run_all,
       "prepare": run.prepare,

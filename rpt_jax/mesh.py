@@ -110,7 +110,7 @@ class ShardingRules:
     if dupes:
       raise ValueError(f"sharding rules name {dupes} more than once; keep one rule per axis.")
     for name, target in self.rules:
-      for axis in _as_tuple(target):
+      for axis in as_tuple(target):
         if axis not in MESH_AXES:
           raise ValueError(
               f"sharding rule {name!r} -> {target!r} names mesh axis {axis!r}; the mesh axes "
@@ -142,7 +142,7 @@ class ShardingRules:
     used: set[str] = set()
     out = []
     for i, name in enumerate(logical_axes):
-      axes = list(_as_tuple(self.mesh_axes(name)))
+      axes = list(as_tuple(self.mesh_axes(name)))
       if shape is not None and mesh is not None:
         kept, size = [], 1
         for axis in axes:
@@ -164,7 +164,7 @@ class ShardingRules:
     return NamedSharding(mesh, self.spec(logical_axes, shape, mesh))
 
 
-def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+def as_tuple(axes: MeshAxes) -> tuple[str, ...]:
   if axes is None:
     return ()
   return (axes,) if isinstance(axes, str) else tuple(axes)

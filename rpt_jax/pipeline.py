@@ -1,6 +1,6 @@
 """One run's stages over its workdir: tokenizer, pretrain, prepare, train, eval, export.
 
-`Run(config, workdir)` builds the mesh, tokenizer and policy once and runs whichever stages the
+`Run(spec, workdir)` builds the mesh, tokenizer and policy once and runs whichever stages the
 mode asks for. Each stage resumes from what the workdir holds (see rpt_jax.assemble for the
 layout): a finished stage is skipped, a stopped one continues.
 """
@@ -10,38 +10,39 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any
 
 import jax
 from absl import logging
 from flax import nnx
 
 from rpt_jax import assemble, evaluate as evaluate_lib
-from rpt_jax import mesh as mesh_lib
+from rpt_jax import report as report_lib
 from rpt_jax import run_dir
 from rpt_jax import checkpoint as checkpoint_lib
 from rpt_jax import pretrain as pretrain_lib
 from rpt_jax import train as train_lib
 from rpt_jax import validate
+from rpt_jax.data import fingerprints
 from rpt_jax.data import prepare as prepare_lib
 from rpt_jax.data.pipeline import PromptLoader, read_manifest
 from rpt_jax.data.sources import iter_documents
 from rpt_jax.metrics import MetricsWriter
 from rpt_jax.model import hf_io
 from rpt_jax.rl.sampler import Sampler
-from rpt_jax.train import RPTConfig, RPTTrainer
+from rpt_jax.spec import RunSpec, VocabFacts
+from rpt_jax.train import RPTTrainer
 
 
 class Run:
   """Lazily built pieces of one run and its stages."""
 
-  def __init__(self, config, workdir: str, *, progress: bool = True):
-    self.config, self.workdir, self.progress = config, workdir, progress
+  def __init__(self, spec: RunSpec, workdir: str, *, progress: bool = True):
+    self.spec, self.workdir, self.progress = spec, workdir, progress
     # Checkpoints (Orbax) go to `workdir` as given, gs:// included; every other file goes to
     # `files`: the same folder, through the bucket's gcsfuse mount for a gs:// workdir.
     self.files = run_dir.files_dir(workdir)
-    self.mesh, self.rules = assemble.make_run_mesh(config)
-    self.records_dir = assemble.records_dir(config, self.files)
+    self.mesh, self.rules = assemble.make_run_mesh(spec)
+    self.records_dir = assemble.records_dir(spec, self.files)
     self._trainer: RPTTrainer | None = None
 
   # -- pieces ------------------------------------------------------------------------------------
@@ -50,8 +51,8 @@ class Run:
   def tokenizer(self):
     if jax.process_count() > 1 and jax.process_index() != 0:
       _sync("tokenizer")  # Process 0 trains/writes it first.
-      return assemble.load_or_train_tokenizer(self.config, self.files)
-    tokenizer = assemble.load_or_train_tokenizer(self.config, self.files)
+      return assemble.load_or_train_tokenizer(self.spec, self.files)
+    tokenizer = assemble.load_or_train_tokenizer(self.spec, self.files)
     if jax.process_count() > 1:
       _sync("tokenizer")
     return tokenizer
@@ -61,9 +62,9 @@ class Run:
     """The policy: HF weights or a random init, then the pretrained params if the workdir has
     them (the RPT checkpoints, newer still, are restored by the trainer)."""
     # Checked on the config alone, before the initialiser compiles or weights load.
-    validate.validate_against_model(
-        self.config, assemble.policy_config(self.config, self.tokenizer).max_position_embeddings)
-    model, model_config = assemble.build_policy(self.config, self.tokenizer, self.mesh,
+    validate.validate_against_model(self.spec, self.spec.model.model_config(
+        VocabFacts.of(self.tokenizer)).max_position_embeddings)
+    model, model_config = assemble.build_policy(self.spec, self.tokenizer, self.mesh,
                                                 self.rules)
     self.model_config = model_config
     ckpt = self._pretrain_checkpointer()
@@ -84,69 +85,62 @@ class Run:
                                        max_to_keep=1, async_save=False)
 
   def documents(self) -> list[str]:
-    return list(iter_documents(assemble.source_config(self.config)))
+    return list(iter_documents(self.spec.source))
 
   @property
   def trainer(self) -> RPTTrainer:
     if self._trainer is None:
-      c = self.config
       self._trainer = RPTTrainer(
-          self.model, self.tokenizer, RPTConfig.from_config(c), mesh=self.mesh,
-          rules=self.rules, workdir=self.workdir, files_dir=self.files,
-          keep_checkpoints=c.train.keep_checkpoints,
-          progress=self.progress)
+          self.model, self.tokenizer, self.spec.rpt, mesh=self.mesh, rules=self.rules,
+          workdir=self.workdir, files_dir=self.files,
+          keep_checkpoints=self.spec.keep_checkpoints, progress=self.progress)
     return self._trainer
 
   # -- stages ------------------------------------------------------------------------------------
 
   def pretrain(self) -> dict | None:
-    c = self.config.pretrain
+    config = self.spec.pretrain
     # First: loads the pretrained params when present, and checks the config against the model
     # before anything else is opened (an open Checkpointer would outlive a ConfigError).
     model = self.model
+    if config is None:
+      return None
     ckpt = self._pretrain_checkpointer()
-    done = ckpt.latest_step() is not None
-    if done or c.steps <= 0:
+    if ckpt.latest_step() is not None:
       ckpt.close()
       return None
     writer = MetricsWriter(self.files, mode="pretrain", resume_step=0)
-    config = pretrain_lib.PretrainConfig(
-        steps=c.steps, batch_size=c.batch_size, seq_len=c.seq_len, learning_rate=c.learning_rate,
-        warmup_steps=c.warmup_steps, reasoning_example_fraction=c.reasoning_example_fraction,
-        thought=c.thought, template=self.config.data.template,
-        max_context_tokens=c.max_context_tokens, min_context_tokens=c.min_context_tokens,
-        seed=self.config.seed, log_every=c.log_every)
     metrics = pretrain_lib.pretrain(model, self.tokenizer, self.documents(), config,
                                     mesh=self.mesh, rules=self.rules, progress=self.progress,
                                     log_fn=writer.write)
     writer.close()
-    ckpt.save(c.steps, {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))}, force=True)
+    ckpt.save(config.steps, {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))},
+              force=True)
     ckpt.wait_until_finished()
     ckpt.close()
     return {"pretrain": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 
   def prepare(self) -> dict:
-    c = self.config
     if os.path.exists(os.path.join(self.records_dir, prepare_lib.MANIFEST)):
       return {"records": self._check_records()["counts"]}
-    proxy = assemble.load_proxy(c, self.model, self.mesh, self.rules)
+    proxy = assemble.load_proxy(self.spec, self.model, self.mesh, self.rules)
     # Every process: one SPMD scorer over the run's mesh, each feeding its own documents.
     manifest = prepare_lib.prepare(
-        assemble.prepare_config(c), self.tokenizer, proxy, self.records_dir, mesh=self.mesh,
+        self.spec.prepare, self.tokenizer, proxy, self.records_dir, mesh=self.mesh,
         show_progress=self.progress and jax.process_index() == 0)
     return {"records": manifest["counts"]}
 
   def _check_records(self) -> dict:
     """The finished preparation's manifest, if made with this data config and tokenizer.
 
-    The proxy's weight fingerprint (`prepare.proxy_identity`) is not compared: that would load
+    The proxy's weight fingerprint (`fingerprints.proxy_identity`) is not compared: that would load
     a separate proxy (`data.proxy_hf_path`) only to check it; `prepare` itself compares it
     when it resumes an unfinished folder.
     """
     manifest = read_manifest(self.records_dir)
     found = manifest["identity"]
-    want = {"config": assemble.prepare_config(self.config).to_dict(),
-            "tokenizer": prepare_lib.tokenizer_identity(self.tokenizer)}
+    want = {"config": self.spec.prepare.to_dict(),
+            "tokenizer": fingerprints.tokenizer_identity(self.tokenizer)}
     for key, value in want.items():
       if found.get(key) != value:
         raise ValueError(
@@ -155,14 +149,14 @@ class Run:
     return manifest
 
   def train_loader(self) -> PromptLoader:
-    c = self.config
+    loader = self.spec.loader
     # The rows of each global batch this process's devices hold (any mesh device order).
-    rows = train_lib.process_batch_rows(self.mesh, self.rules, c.rl.batch_contexts)
+    rows = train_lib.process_batch_rows(self.mesh, self.rules, loader.batch_contexts)
     return PromptLoader(self.records_dir, "train", self.tokenizer, batch_size=len(rows),
-                        shard_count=c.rl.batch_contexts // len(rows), rows=rows,
-                        template=c.data.template, prompt_buckets=tuple(c.data.prompt_buckets),
-                        seed=c.seed, shuffle=True, num_epochs=None,
-                        worker_count=c.data.worker_count)
+                        shard_count=loader.batch_contexts // len(rows), rows=rows,
+                        template=loader.template, prompt_buckets=loader.prompt_buckets,
+                        seed=loader.seed, shuffle=True, num_epochs=None,
+                        worker_count=loader.worker_count)
 
   def train(self) -> dict:
     if not os.path.exists(os.path.join(self.records_dir, prepare_lib.MANIFEST)):
@@ -174,34 +168,34 @@ class Run:
     nnx.update(self.model, trainer.params())
     return {k: v for k, v in metrics.items() if k.startswith(("reward/", "train/loss"))}
 
-  def _sync_policy_from_checkpoint(self) -> int:
-    """Loads the latest RPT params into the policy (eval/export of a finished run)."""
-    trainer = self.trainer
-    if trainer.step == 0:
-      iterator_stub = _NullIterator()
-      trainer.restore(iterator_stub)
-    nnx.update(self.model, trainer.params())
-    return trainer.step
+  def _load_rpt_params(self) -> int:
+    """Puts the latest RPT params into the policy (eval/export); returns their step (0: none
+    yet, the policy as pretrained). Reads the parameters alone: no trainer, no optimiser state."""
+    if self._trainer is not None:  # Trained in this process: its state is the newest.
+      nnx.update(self.model, self._trainer.params())
+      return self._trainer.step
+    params = nnx.state(self.model, nnx.Param)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+    with checkpoint_lib.Checkpointer(self.workdir, async_save=False) as ckpt:
+      restored = ckpt.restore_params(abstract)
+    if restored is None:
+      return 0
+    step, values = restored
+    nnx.update(self.model, values)
+    return int(step)
 
   def evaluate(self, label: str | None = None) -> dict:
-    c = self.config
-    step = self._sync_policy_from_checkpoint()
+    step = self._load_rpt_params()
     label = label or f"step_{step}"
     sampler = Sampler(self.model, mesh=self.mesh, rules=self.rules,
                       pad_id=self.tokenizer.pad_id)
-    eval_config = evaluate_lib.EvalConfig(
-        max_positions=c.eval.max_positions or None, num_samples=c.eval.num_samples,
-        pass_k=tuple(c.eval.pass_k), temperature=c.eval.temperature,
-        max_new_tokens=c.rl.max_new_tokens, template=c.data.template,
-        reward="prefix_match" if c.rl.reward == "dense" else c.rl.reward,
-        batch_size=c.eval.batch_contexts, prompt_buckets=tuple(c.data.prompt_buckets),
-        seed=c.seed)
     report = evaluate_lib.evaluate(self.model, self.tokenizer, sampler, self.records_dir,
-                                   config=eval_config, rng=jax.random.key(c.seed + 1),
+                                   config=self.spec.eval, rng=jax.random.key(self.spec.seed + 1),
                                    mesh=self.mesh)
     if jax.process_index() == 0:
       out_dir = assemble.workdir_path(self.files, "eval")
-      evaluate_lib.write_report({"step": step, "label": label, "report": report}, out_dir,
+      report_lib.write_report({"step": step, "label": label, "report": report}, out_dir,
                                 label)
       MetricsWriter(self.files, mode="eval", tensorboard=False).write(
           step, {f"{split}/{k}": v for split, r in report.items() for k, v in r.items()
@@ -209,7 +203,7 @@ class Run:
     return report
 
   def export(self, export_dir: str | None = None) -> dict:
-    step = self._sync_policy_from_checkpoint()
+    step = self._load_rpt_params()
     path = export_dir or assemble.workdir_path(self.files, "export")
     hf_io.save_hf(self.model, self.model_config, path)
     if jax.process_index() == 0 and hasattr(self.tokenizer, "name"):
@@ -231,32 +225,8 @@ class Run:
     after = self.evaluate("after_rpt")
     reports = {"before RPT": before, "after RPT": after}
     if jax.process_index() == 0:
-      evaluate_lib.plot_report(reports, os.path.join(self.files, "eval", "before_after.png"))
-    return summary_table(before, after)
-
-
-def summary_table(before: dict, after: dict) -> str:
-  """Next-token-reasoning accuracy before/after RPT per difficulty split."""
-  lines = ["", "Next-token reasoning accuracy on held-out positions (%):",
-           f"{'split':<8} {'positions':>9} {'before':>8} {'after':>8} {'format before':>14} "
-           f"{'format after':>13}"]
-  for split in after:
-    b, a = before.get(split, {}), after[split]
-    fmt = lambda v: "   -" if v is None else f"{v:8.2f}"
-    lines.append(f"{split:<8} {a.get('num_positions', 0):>9} {fmt(b.get('reasoning_accuracy'))}"
-                 f" {fmt(a.get('reasoning_accuracy'))} {fmt(b.get('format_rate')):>14}"
-                 f" {fmt(a.get('format_rate')):>13}")
-  return "\n".join(lines)
-
-
-class _NullIterator:
-  """Stands in for a data iterator when only the params of a checkpoint are wanted."""
-
-  def set_state(self, state) -> None:
-    del state
-
-  def get_state(self) -> bytes:
-    return b""
+      report_lib.plot_report(reports, os.path.join(self.files, "eval", "before_after.png"))
+    return report_lib.summary_table(before, after)
 
 
 def _sync(name: str) -> None:

@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rpt_jax import mesh as mesh_lib
 from rpt_jax import tokenizer as tokenizer_lib
 from rpt_jax.rl import loss as loss_lib
+from rpt_jax.rl import optim
 from rpt_jax.rl import prompts
 
 _MAX_DRAWS_PER_EXAMPLE = 64  # rejection-sampling budget before a clear error
@@ -289,9 +290,10 @@ def make_optimizer(config: PretrainConfig) -> tuple[optax.GradientTransformation
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
       decay_steps=max(config.steps, warmup + 1),
       end_value=config.learning_rate * config.end_learning_rate_fraction)
-  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+  # The RPT optimiser's rule: matrices decay, norms and biases do not (rank alone is not the
+  # rule: q/k/v biases are 2-D [heads, head_dim]).
   adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2,
-                      weight_decay=config.weight_decay, mask=decay_mask)
+                      weight_decay=config.weight_decay, mask=optim.weight_decay_mask)
   if config.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw), schedule
   return adamw, schedule
@@ -346,10 +348,9 @@ def pretrain(model: nnx.Module, tokenizer: tokenizer_lib.Tokenizer, documents: S
   if mesh is None:
     opt_shardings = None
   else:  # moments like their params; step counts and other scalars replicated
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), param_shardings,
-        transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
-        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    opt_shardings = optim.map_opt_state(tx, params, lambda _, sharding: sharding,
+                                        param_shardings,
+                                        lambda _: NamedSharding(mesh, PartitionSpec()))
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
 
   def train_step(params, opt_state, batch):

@@ -1,4 +1,5 @@
-"""The paper's scaling law of accuracy in RL training compute, fitted with numpy alone.
+"""The paper's scaling law of accuracy in RL training compute: the fit, the compute of an RL step,
+the per-split report across checkpoints, and its plot.
 
     P(C) = A / C**alpha + P*
 
@@ -9,7 +10,10 @@ in the same unit as the accuracies given. Accuracy rising with compute means A <
 
 The fit minimises the squared error. For a fixed alpha the model is linear in (A, P*), so they
 have a closed-form least-squares solution; what is left is a 1-D search over alpha (a log-spaced
-grid, then golden-section refinement around the best grid point).
+grid, then `scipy.optimize.minimize_scalar` (bounded Brent) around the best grid point).
+
+`rl_step_flops` gives the compute C of one RL step; `scaling_report` fits every difficulty split
+of a series of evaluation reports and writes `scaling.json` and `scaling.png`.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import scipy.optimize
 
 ArrayLike = Sequence[float] | np.ndarray
 
@@ -57,7 +62,7 @@ def fit_scaling_law(compute: ArrayLike, accuracy: ArrayLike, *,
     accuracy: [N] accuracy per point (fraction or %; the fit keeps the unit).
     alpha_range: search interval for alpha (> 0).
     grid_size: log-spaced grid points over `alpha_range` before refinement.
-    tol: relative tolerance on alpha of the golden-section refinement.
+    tol: absolute tolerance on log(alpha) of the bounded refinement.
 
   Returns:
     ScalingFit with A in accuracy-units x compute-units**alpha.
@@ -90,8 +95,9 @@ def fit_scaling_law(compute: ArrayLike, accuracy: ArrayLike, *,
   grid = np.linspace(math.log(lo), math.log(hi), grid_size)
   losses = np.array([sse(g) for g in grid])
   best = int(np.argmin(losses))
-  log_alpha = _golden_section(sse, grid[max(best - 1, 0)], grid[min(best + 1, grid_size - 1)],
-                              tol=tol)
+  lo_g, hi_g = grid[max(best - 1, 0)], grid[min(best + 1, grid_size - 1)]
+  log_alpha = float(scipy.optimize.minimize_scalar(
+      sse, bounds=(lo_g, hi_g), method="bounded", options={"xatol": tol}).x)
   if sse(log_alpha) > losses[best]:  # Keep the grid point if refinement did not improve it.
     log_alpha = float(grid[best])
 
@@ -101,25 +107,6 @@ def fit_scaling_law(compute: ArrayLike, accuracy: ArrayLike, *,
   r2 = 1.0 - residual / total if total > 0 else (1.0 if residual == 0 else 0.0)
   # a_rel / (C/c_ref)**alpha == (a_rel * c_ref**alpha) / C**alpha.
   return ScalingFit(A=a_rel * c_ref**alpha, alpha=alpha, p_star=p_star, r2=r2)
-
-
-def _golden_section(f, lo: float, hi: float, *, tol: float, max_iter: int = 200) -> float:
-  """Minimiser of a unimodal `f` on [lo, hi]."""
-  inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
-  x1, x2 = hi - inv_phi * (hi - lo), lo + inv_phi * (hi - lo)
-  f1, f2 = f(x1), f(x2)
-  for _ in range(max_iter):
-    if hi - lo <= tol * max(1.0, abs(lo) + abs(hi)):
-      break
-    if f1 <= f2:
-      hi, x2, f2 = x2, x1, f1
-      x1 = hi - inv_phi * (hi - lo)
-      f1 = f(x1)
-    else:
-      lo, x1, f1 = x1, x2, f2
-      x2 = lo + inv_phi * (hi - lo)
-      f2 = f(x2)
-  return (lo + hi) / 2.0
 
 
 def plot_scaling(fits_by_split: Mapping[str, ScalingFit],
@@ -167,3 +154,73 @@ def plot_scaling(fits_by_split: Mapping[str, ScalingFit],
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, bbox_inches="tight")
   return path
+
+
+def rl_step_flops(model_config, *, contexts: int, generations: int, prompt_len: int,
+                  response_len: int, shared_prefix: bool = True) -> float:
+  """Model FLOPs of one RL step (rollouts + one policy update), as used for the x-axis of the
+  scaling law.
+
+      tokens = contexts * (prompt_len + generations * response_len)    (shared_prefix: each
+               context prefilled once, as this project samples and trains)
+             = contexts * generations * (prompt_len + response_len)    (otherwise)
+      flops  = (1 + 3) * tokens * F(prompt_len + response_len)
+
+  where F = `ModelConfig.flops_per_token` (forward FLOPs per token, attention over the full
+  prompt + response window as a static-cache dense attention computes it); 1 forward for the
+  rollouts (the sampler's log-probs serve as the old policy's: exact on-policy, no extra pass,
+  no reference model at zero KL) and 3 for training (forward + backward = 2 forwards). Remat
+  recomputation is not counted (model FLOPs, not hardware FLOPs). Pass the measured mean
+  response length for the compute actually spent, or max_new_tokens for the static upper bound.
+  """
+  for name, v in (("contexts", contexts), ("generations", generations),
+                  ("prompt_len", prompt_len), ("response_len", response_len)):
+    if v < 0:
+      raise ValueError(f"rl_step_flops {name}={v} must be >= 0.")
+  if shared_prefix:
+    tokens = contexts * (prompt_len + generations * response_len)
+  else:
+    tokens = contexts * generations * (prompt_len + response_len)
+  return 4.0 * tokens * model_config.flops_per_token(prompt_len + response_len)
+
+
+def scaling_report(points: Sequence[tuple[float, Mapping[str, Mapping[str, Any]]]],
+                   out_dir: str, *, metric: str = "reasoning_accuracy") -> dict[str, Any]:
+  """Fits P(C) = A / C^alpha + P* per split on `metric` (%) vs cumulative training compute C.
+
+  Args:
+    points: (train_flops, report) per evaluated checkpoint (C > 0).
+    out_dir: where `scaling.png` (if any split was fitted) and `scaling.json` go.
+
+  Returns:
+    {split: {'A', 'alpha', 'p_star', 'r2', 'num_points'} or {'error': why, 'num_points'}}
+    plus 'plot': the PNG path or None. A split with fewer than 3 usable points (or too few
+    distinct compute values) gets 'not enough points: ...' as its error.
+  """
+  splits = list(dict.fromkeys(s for _, r in points for s in r))
+  fits, measured, out = {}, {}, {}
+  for split in splits:
+    pairs = [(float(c), r[split][metric]) for c, r in points
+             if split in r and r[split].get(metric) is not None]
+    c, p = np.array([x for x, _ in pairs]), np.array([y for _, y in pairs])
+    measured[split] = (c, p)
+    if len(pairs) < 3 or np.unique(c).size < 3:
+      out[split] = {"error": f"not enough points: {len(pairs)} with {metric} at "
+                             f"{np.unique(c).size} distinct compute values; the fit needs 3.",
+                    "num_points": len(pairs)}
+      continue
+    try:
+      fit = fit_scaling_law(c, p)
+    except ValueError as e:
+      out[split] = {"error": str(e), "num_points": len(pairs)}
+      continue
+    fits[split] = fit
+    out[split] = {"A": fit.A, "alpha": fit.alpha, "p_star": fit.p_star, "r2": fit.r2,
+                  "num_points": len(pairs)}
+  out["plot"] = (plot_scaling(fits, {s: measured[s] for s in fits},
+                                      os.path.join(out_dir, "scaling.png"),
+                                      xlabel="RL training compute (FLOPs)",
+                                      ylabel=f"{metric} (%)") if fits else None)
+  from rpt_jax.report import write_report  # pylint: disable=g-import-not-at-top
+  write_report(out, out_dir, "scaling")
+  return out

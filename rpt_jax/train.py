@@ -44,17 +44,22 @@ from rpt_jax import mesh as mesh_lib
 from rpt_jax.data.pipeline import PromptBatch
 from rpt_jax.metrics import MetricsWriter, to_float
 from rpt_jax.rl import advantages as advantages_lib
-from rpt_jax.rl import dynamic_sampling, optim, update
+from rpt_jax.rl import dynamic_sampling, optim, prompts, update
+from rpt_jax.rl import train_state
 from rpt_jax.rl.loss import LossConfig
+from rpt_jax.rl import reward as reward_lib
 from rpt_jax.rl.reward import RewardBatch, score_rollouts
 from rpt_jax.rl.sampler import Sampler
 
 
 @dataclasses.dataclass(frozen=True)
 class RPTConfig:
-  """Settings of the RPT loop (the config's `rl`, `optim` and `train` sections)."""
+  """Settings of the RPT loop (the config's `rl`, `optim` and `train` sections; built by
+  `rpt_jax.spec.RunSpec`). Micro-batch sizes above `batch_contexts` mean "the whole batch":
+  read them through `rollout_micro_contexts` / `train_micro_contexts`."""
 
   steps: int
+  batch_contexts: int = 256
   num_generations: int = 8
   temperature: float = 0.8
   top_k: int = 0
@@ -76,31 +81,47 @@ class RPTConfig:
 
   def __post_init__(self):
     if self.num_generations < 2:
-      raise ValueError(f"rl.num_generations={self.num_generations}: GRPO needs at least 2 "
-                       "rollouts per context to compare.")
-    if self.temperature < 0:
-      raise ValueError(f"rl.temperature={self.temperature} must be >= 0.")
-    if self.steps < 0 or self.max_new_tokens < 1:
-      raise ValueError(f"train.steps={self.steps} / rl.max_new_tokens={self.max_new_tokens} "
-                       "must be >= 0 / >= 1.")
+      raise ValueError(f"rl.num_generations={self.num_generations}: GRPO compares rollouts "
+                       "within a group; use at least 2 (the paper uses 8).")
+    if not self.temperature > 0:
+      raise ValueError(f"rl.temperature={self.temperature} must be > 0: GRPO needs G different "
+                       "rollouts per context, and the update scores them at this temperature "
+                       "(the paper samples at 0.8).")
+    if not 0 < self.top_p <= 1.0:
+      raise ValueError(f"rl.top_p={self.top_p} must be in (0, 1].")
+    if self.top_k is None or self.top_k < 0:
+      raise ValueError(f"rl.top_k={self.top_k} must be >= 0 (0 = off).")
+    for field in ("rl.batch_contexts", "rl.rollout_micro_batch", "rl.train_micro_batch",
+                  "rl.max_new_tokens", "rl.dynamic_sampling_max_tries", "train.log_every",
+                  "train.checkpoint_every", "train.max_consecutive_nonfinite"):
+      value = getattr(self, field.split(".")[1])
+      if value < 1:
+        raise ValueError(f"{field}={value} must be >= 1.")
+    if self.steps < 0 or self.dynamic_sampling_from_step < 0:
+      raise ValueError(f"train.steps={self.steps} / rl.dynamic_sampling_from_step="
+                       f"{self.dynamic_sampling_from_step} must be >= 0.")
+    for name, micro in (("rollout_micro_batch", self.rollout_micro_contexts),
+                        ("train_micro_batch", self.train_micro_contexts)):
+      if self.batch_contexts % micro:
+        raise ValueError(f"rl.{name}={getattr(self, name)} must divide rl.batch_contexts="
+                         f"{self.batch_contexts}.")
+    for field, check in (("reward", lambda: reward_lib.get_reward(self.reward)),
+                         ("advantage", lambda: advantages_lib.ADVANTAGE_ESTIMATORS.get(
+                             self.advantage))):
+      try:
+        check()
+      except ValueError as e:
+        raise ValueError(f"rl.{field}={getattr(self, field)!r}: {e}") from None
 
-  @classmethod
-  def from_config(cls, config) -> "RPTConfig":
-    rl = config.rl
-    return cls(
-        steps=config.train.steps, num_generations=rl.num_generations,
-        temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
-        max_new_tokens=rl.max_new_tokens, reward=rl.reward, advantage=rl.advantage,
-        loss=LossConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, aggregation=rl.aggregation,
-                        beta=rl.beta, kl_estimator=rl.kl_estimator,
-                        entropy_coef=rl.entropy_coef, max_response_length=rl.max_new_tokens),
-        dynamic_sampling_from_step=rl.dynamic_sampling_from_step,
-        dynamic_sampling_max_tries=rl.dynamic_sampling_max_tries,
-        rollout_micro_batch=rl.rollout_micro_batch, train_micro_batch=rl.train_micro_batch,
-        shared_prefix=rl.shared_prefix,
-        optimizer=dict(config.optim.to_dict(), total_steps=max(config.train.steps, 1)),
-        log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
-        max_consecutive_nonfinite=config.train.max_consecutive_nonfinite, seed=config.seed)
+  @property
+  def rollout_micro_contexts(self) -> int:
+    """Contexts per sampler call."""
+    return min(self.rollout_micro_batch, self.batch_contexts)
+
+  @property
+  def train_micro_contexts(self) -> int:
+    """Contexts (each with its G rows) per gradient-accumulation micro-step."""
+    return min(self.train_micro_batch, self.batch_contexts)
 
 
 class Timer:
@@ -132,30 +153,6 @@ def process_batch_rows(mesh: Mesh, rules: mesh_lib.ShardingRules, global_batch: 
   return list(host_rows.batch_feed(sharding, global_batch).rows)
 
 
-def _group_stub(num_groups: int, group_size: int) -> update.RolloutBatch:
-  """A RolloutBatch of the right group count and tiny fields: DynamicSampler.fill on it picks
-  groups (`source`, `padded`) from rewards alone; the real rows are gathered on device."""
-  rows = num_groups * group_size
-  return update.RolloutBatch(
-      prompt_tokens=np.zeros((num_groups, 1), np.int32),
-      prompt_lengths=np.ones((num_groups,), np.int32),
-      completion_tokens=np.zeros((rows, 1), np.int32),
-      completion_mask=np.zeros((rows, 1), np.int32), advantages=np.zeros((rows,), np.float32))
-
-
-def _select_groups(candidates: list[update.RolloutBatch], contexts_B: jax.Array,
-                   rows_R: jax.Array, keep_R: jax.Array) -> update.RolloutBatch:
-  """Contexts `contexts_B` and rows `rows_R` of the candidates stacked along the batch (global
-  indices); rows with keep 0 become inert (mask and advantage 0). Runs under jit."""
-  cat = lambda name: jnp.concatenate([getattr(c, name) for c in candidates])  # noqa: E731
-  return update.RolloutBatch(
-      prompt_tokens=cat("prompt_tokens")[contexts_B],
-      prompt_lengths=cat("prompt_lengths")[contexts_B],
-      completion_tokens=cat("completion_tokens")[rows_R],
-      completion_mask=cat("completion_mask")[rows_R] * keep_R[:, None].astype(jnp.int32),
-      advantages=cat("advantages")[rows_R] * keep_R)
-
-
 def _pad_prompts(batch: update.RolloutBatch, width: int, pad_id: int) -> update.RolloutBatch:
   """Right-pads prompt_tokens to `width` (candidates can come from different length buckets)."""
   extra = width - batch.prompt_tokens.shape[1]
@@ -179,11 +176,11 @@ class RPTTrainer:
     self.files_dir = files_dir or workdir  # metrics (a local path or a gcsfuse mount of workdir)
     self.G = config.num_generations
     self.optimizer = optim.make_optimizer(**config.optimizer)
-    self.graphdef, _ = update.split_params(model)
-    self.state = update.create_train_state(model, self.optimizer, mesh=mesh, rules=self.rules)
+    self.graphdef, _ = train_state.split_params(model)
+    self.state = train_state.create_train_state(model, self.optimizer, mesh=mesh, rules=self.rules)
     self.train_step = update.make_train_step(
         self.graphdef, config.loss, self.optimizer, num_generations=self.G,
-        temperature=max(config.temperature, 1e-6), micro_batch_contexts=config.train_micro_batch,
+        temperature=config.temperature, micro_batch_contexts=config.train_micro_contexts,
         shared_prefix=config.shared_prefix, mesh=mesh, rules=self.rules)
     self.sampler = Sampler(model, mesh=mesh, rules=self.rules, pad_id=tokenizer.pad_id)
     self.root_key = jax.random.key(config.seed)
@@ -191,13 +188,10 @@ class RPTTrainer:
         workdir, save_interval_steps=max(config.checkpoint_every, 1),
         max_to_keep=keep_checkpoints)
     self.batch_sharding = NamedSharding(mesh, self.rules.spec(("batch",)))
-    self.dynamic = dynamic_sampling.DynamicSampler(
-        batch_contexts=1, group_size=self.G, from_step=config.dynamic_sampling_from_step,
-        max_tries=max(config.dynamic_sampling_max_tries, 1))
     self.step = 0
     self.data_batches = 0  # Loader batches read so far: the data position in any layout.
     self._checkpoint_seconds: float | None = None
-    self._select = jax.jit(_select_groups, out_shardings=self.batch_sharding)
+    self._gather = jax.jit(dynamic_sampling.gather_groups, out_shardings=self.batch_sharding)
 
   # -- state ---------------------------------------------------------------------------------------
 
@@ -288,7 +282,7 @@ class RPTTrainer:
         self._to_global(batch.prompt_tokens), self._to_global(batch.prompt_lengths),
         num_samples=self.G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=tuple(self.tokenizer.stop_ids), rng=key,
-        params=self.state.params, micro_batch=cfg.rollout_micro_batch)
+        params=self.state.params, micro_batch=cfg.rollout_micro_contexts)
     # Batch-sharded again (micro-batch outputs are concatenated) so each process reads its rows.
     rows = jax.device_put((out.tokens, out.lengths, out.done), self.batch_sharding)
     return tuple(host_rows.local_rows(x) for x in rows)
@@ -296,9 +290,7 @@ class RPTTrainer:
   def score(self, batch: PromptBatch, tokens: np.ndarray, lengths: np.ndarray,
             done: np.ndarray):
     """Rewards of this process's rows; a response's stop token is not part of its text."""
-    responses = []
-    for row, n, hit_eos in zip(tokens, lengths, done):
-      responses.append(self.tokenizer.decode(row[:max(int(n) - int(hit_eos), 0)].tolist()))
+    responses = prompts.response_texts(self.tokenizer, tokens, lengths, done)
     completions = [c for c in batch.completions() for _ in range(self.G)]
     boundaries = [b for b in batch.boundary_lists() for _ in range(self.G)]
     return score_rollouts(responses, completions, boundaries, reward=self.config.reward,
@@ -324,6 +316,9 @@ class RPTTrainer:
       scored = self.global_scores(scored)
     return rollouts, scored
 
+  def dynamic_sampling_active(self, step: int) -> bool:
+    return step >= self.config.dynamic_sampling_from_step
+
   def gather_candidates(self, data_iterator, step: int, timer: Timer):
     """Candidates for dynamic sampling, generated in lockstep on every process (the sampler is
     one SPMD program): more are drawn until the GLOBAL batch has enough groups with reward
@@ -332,51 +327,39 @@ class RPTTrainer:
     Returns [(this process's rollouts, global RewardBatch)] with prompts padded to one width.
     """
     cfg = self.config
-    active = self.dynamic.active(step)
+    active = self.dynamic_sampling_active(step)
     candidates = []
     for attempt in range(cfg.dynamic_sampling_max_tries if active else 1):
-      rollouts, scored = self.candidate(data_iterator, step, attempt, timer)
-      candidates.append((rollouts, scored))
-      if not active:
-        break
-      kept = sum(int(dynamic_sampling.groups_with_spread(s.rewards, self.G).sum())
-                 for _, s in candidates)
-      if kept >= len(candidates[0][1].rewards) // self.G:
+      candidates.append(self.candidate(data_iterator, step, attempt, timer))
+      if dynamic_sampling.enough_groups([s.rewards for _, s in candidates], self.G):
         break
     width = max(c.prompt_tokens.shape[1] for c, _ in candidates)  # Candidates' buckets differ.
     return [(_pad_prompts(c, width, self.tokenizer.pad_id), s) for c, s in candidates]
 
   def assemble(self, candidates, step: int):
-    """(global train batch, FillResult): dynamic sampling's choice on the global rewards, the
+    """(global train batch, GroupChoice): dynamic sampling's choice on the global rewards, the
     chosen groups gathered from the candidates on device (rows may move between processes)."""
-    b = len(candidates[0][1].rewards) // self.G
-    fill = dataclasses.replace(self.dynamic, batch_contexts=b).fill(
-        [(_group_stub(b, self.G), s.rewards) for _, s in candidates], step)
-    first = candidates[0][0]
-    if np.array_equal(fill.source, np.stack([np.zeros(b), np.arange(b)], 1)) and not (
-        fill.padded.any()):
-      return jax.tree.map(self._to_global, first), fill  # The first candidate as it is.
-    contexts_B = fill.source[:, 0] * b + fill.source[:, 1]
-    rows_R = (contexts_B[:, None] * self.G + np.arange(self.G)[None, :]).reshape(-1)
-    keep_R = np.repeat(~fill.padded, self.G).astype(np.float32)
+    choice = dynamic_sampling.choose_groups([s.rewards for _, s in candidates], self.G,
+                                            active=self.dynamic_sampling_active(step))
+    if choice.is_first_candidate:
+      return jax.tree.map(self._to_global, candidates[0][0]), choice
     replicated = NamedSharding(self.mesh, PartitionSpec())
-    index = jax.device_put((contexts_B.astype(np.int32), rows_R.astype(np.int32), keep_R),
-                           replicated)  # The same values on every process.
+    index = jax.device_put(choice.rows(self.G), replicated)  # The same values on every process.
     stacked = [jax.tree.map(self._to_global, c) for c, _ in candidates]
-    return self._select(stacked, *index), fill
+    return self._gather(stacked, *index), choice
 
   def run_step(self, data_iterator: Iterator[PromptBatch], writer: MetricsWriter | None) -> dict:
     cfg, step, timer = self.config, self.step, Timer()
     candidates = self.gather_candidates(data_iterator, step, timer)
     scored = candidates[0][1]
     with timer.phase("train"):
-      rollouts, fill = self.assemble(candidates, step)
+      rollouts, choice = self.assemble(candidates, step)
       self.state, train_metrics = self.train_step(self.state, rollouts)
       train_metrics = jax.device_get(train_metrics)
     self.step += 1
     metrics = {**{f"reward/{k}": v for k, v in scored.metrics().items()},
                **{f"train/{k}": to_float(v) for k, v in train_metrics.items()},
-               **(fill.metrics() if self.dynamic.active(step) else {}),
+               **(choice.metrics() if self.dynamic_sampling_active(step) else {}),
                **{f"time/{k}": v for k, v in timer.seconds.items()}}
     metrics["time/step"] = sum(timer.seconds.values())
     if self._checkpoint_seconds is not None:  # The save after the previous step.

@@ -1,9 +1,10 @@
-"""Config validation before anything is built or compiled: every error names the field and the fix.
+"""Checks of a run spec that need more than the spec: the device layout, the paths, the model.
 
-`validate_config(config, num_devices, num_processes)` checks what can be known from the config
-and the device count alone; checks that need the model (prompt + response within its positions,
-tokenizer vocab within its embedding) run right after the model's config is read
-(`validate_against_model`).
+Each section's own values are validated where its dataclass is built (`rpt_jax.spec.RunSpec`);
+here: `validate_run(spec, mode, num_devices, num_processes)` before anything is built (mesh vs
+batch sizes, what the RPT loop can compute, input paths), and `validate_against_model` right
+after the model's config is read (prompt + response within its positions). Every error names the
+config field and the fix.
 """
 
 from __future__ import annotations
@@ -11,11 +12,7 @@ from __future__ import annotations
 import math
 import os
 
-import ml_collections
-
 from rpt_jax import mesh as mesh_lib
-from rpt_jax.data import filtering
-from rpt_jax.rl import advantages, loss, prompts, reward
 
 MODES = ("all", "prepare", "pretrain", "train", "eval", "export", "compile_check")
 
@@ -29,109 +26,72 @@ def _require(condition: bool, message: str) -> None:
     raise ConfigError(message)
 
 
-def batch_axis_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
+def batch_axis_size(spec, num_devices: int) -> int:
   """How many ways the batch is split: the product of the mesh axes the 'batch' rule uses."""
-  shape = dict(zip(mesh_lib.MESH_AXES,
-                   mesh_lib.MeshConfig(**config.mesh.to_dict()).shape(num_devices)))
-  rules = mesh_lib.ShardingRules.from_config(config.get("sharding_rules"))
-  return math.prod(shape[a] for a in mesh_lib._as_tuple(rules.mesh_axes("batch")))
-
-
-def validate_config(config: ml_collections.ConfigDict, *, mode: str, num_devices: int,
-                    num_processes: int = 1) -> None:
-  """Raises ConfigError for the first config value that cannot work on this device layout."""
-  _require(mode in MODES, f"--mode={mode!r} is unknown; choose one of {MODES}.")
   try:
-    ways = batch_axis_size(config, num_devices)
+    shape = dict(zip(mesh_lib.MESH_AXES, spec.mesh.shape(num_devices)))
   except ValueError as e:
     raise ConfigError(f"config.mesh: {e}") from e
-  rl, data = config.rl, config.data
-  _require(rl.num_generations >= 2,
-           f"rl.num_generations={rl.num_generations}: GRPO compares rollouts within a group; "
-           "use at least 2 (the paper uses 8).")
-  for name in ("batch_contexts", "rollout_micro_batch", "train_micro_batch"):
-    value = rl[name]
-    _require(value >= 1, f"rl.{name}={value} must be >= 1.")
-  _require(rl.batch_contexts % ways == 0,
-           f"rl.batch_contexts={rl.batch_contexts} is not divisible by the {ways}-way batch "
+  return math.prod(shape[a] for a in mesh_lib.as_tuple(spec.rules.mesh_axes("batch")))
+
+
+def _check_path(value: str, field: str, what: str, *, folder: bool) -> None:
+  if not value or value.startswith("gs://"):  # gs:// inputs are read through their mount.
+    return
+  ok = os.path.isdir(value) if folder else os.path.exists(value)
+  _require(ok, f"{field}={value!r} {'is not a directory' if folder else 'does not exist'}; "
+           f"{what}")
+
+
+def validate_run(spec, *, mode: str, num_devices: int, num_processes: int = 1) -> None:
+  """Raises ConfigError for the first setting that cannot work on this device layout."""
+  _require(mode in MODES, f"--mode={mode!r} is unknown; choose one of {MODES}.")
+  ways = batch_axis_size(spec, num_devices)
+  rpt = spec.rpt
+  _require(rpt.batch_contexts % ways == 0,
+           f"rl.batch_contexts={rpt.batch_contexts} is not divisible by the {ways}-way batch "
            f"split of the mesh (data x fsdp); use a multiple of {ways}.")
-  _require(rl.batch_contexts % num_processes == 0,
-           f"rl.batch_contexts={rl.batch_contexts} is not divisible by the {num_processes} "
+  _require(rpt.batch_contexts % num_processes == 0,
+           f"rl.batch_contexts={rpt.batch_contexts} is not divisible by the {num_processes} "
            "processes; each process feeds an equal share.")
-  for name in ("rollout_micro_batch", "train_micro_batch"):
-    micro = min(rl[name], rl.batch_contexts)
-    # The train step shards rollout rows (micro x G); prompts are replicated when there are
-    # fewer contexts than batch shards.
-    rows = micro * rl.num_generations if name == "train_micro_batch" else micro
-    _require(rl.batch_contexts % micro == 0 and rows % ways == 0,
-             f"rl.{name}={rl[name]} must divide rl.batch_contexts={rl.batch_contexts} and "
-             f"{'times rl.num_generations ' if name == 'train_micro_batch' else ''}be a "
-             f"multiple of the {ways}-way batch split.")
-  _require(rl.temperature >= 0, f"rl.temperature={rl.temperature} must be >= 0.")
-  _require(0 < rl.top_p <= 1.0, f"rl.top_p={rl.top_p} must be in (0, 1].")
-  _require(rl.max_new_tokens >= 1, f"rl.max_new_tokens={rl.max_new_tokens} must be >= 1.")
-  _require(rl.advantage in advantages.ADVANTAGE_ESTIMATORS,
-           f"rl.advantage={rl.advantage!r} is unknown; choose one of "
-           f"{sorted(advantages.ADVANTAGE_ESTIMATORS)}.")
-  for field, check in (("rl.reward", lambda: reward.get_reward(rl.reward)),
-                       ("data.template", lambda: prompts.get_template(data.template)),
-                       ("data.filter", lambda: filtering.get_filter(data.filter))):
-    try:
-      check()
-    except ValueError as e:
-      raise ConfigError(f"{field}: {e}") from e
-  try:
-    loss.LossConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, aggregation=rl.aggregation,
-                    beta=rl.beta, kl_estimator=rl.kl_estimator, entropy_coef=rl.entropy_coef,
-                    max_response_length=rl.max_new_tokens)
-  except ValueError as e:  # Its fields are the config's rl.* fields of the same names.
-    raise ConfigError(str(e).replace("LossConfig.", "rl.")) from e
+  # The sampler shards contexts; the train step shards rollout rows (contexts x G).
+  for field, rows in (("rollout_micro_batch", rpt.rollout_micro_contexts),
+                      ("train_micro_batch", rpt.train_micro_contexts * rpt.num_generations)):
+    _require(rows % ways == 0,
+             f"rl.{field}={getattr(rpt, field)} gives {rows} rows per micro-batch, not a "
+             f"multiple of the {ways}-way batch split (data x fsdp); choose one that is.")
   if mode in ("all", "train"):
     # The loop scores rollouts on the host without the policy's first-token probabilities and
     # builds no reference-policy log-probs: say so now rather than after compiling step 0.
-    _require(not reward.get_reward(rl.reward).needs_first_token_prob,
-             f"rl.reward={rl.reward!r} needs the policy's probability of the true first token, "
+    from rpt_jax.rl import reward  # pylint: disable=g-import-not-at-top
+    _require(not reward.get_reward(rpt.reward).needs_first_token_prob,
+             f"rl.reward={rpt.reward!r} needs the policy's probability of the true first token, "
              "which the RPT loop does not compute; use 'prefix_match' or 'first_token'.")
-    _require(rl.beta == 0,
-             f"rl.beta={rl.beta}: a KL penalty needs reference-policy log-probs, which the RPT "
-             "loop does not compute; use rl.beta=0 (as the paper does).")
-  buckets = tuple(data.prompt_buckets)
-  _require(len(buckets) > 0 and all(b > a for a, b in zip(buckets, buckets[1:])),
-           f"data.prompt_buckets={buckets} must be increasing lengths.")
-  _require(config.optim.learning_rate > 0,
-           f"optim.learning_rate={config.optim.learning_rate} must be > 0.")
-  _require(config.train.steps >= 0, f"train.steps={config.train.steps} must be >= 0.")
-  if config.model.hf_path and not config.model.hf_path.startswith("gs://"):
-    _require(os.path.isdir(config.model.hf_path),
-             f"model.hf_path={config.model.hf_path!r} is not a directory; point it at a "
-             "Hugging Face checkpoint folder (config.json + *.safetensors).")
-  if config.tokenizer.path and not config.tokenizer.path.startswith("gs://"):
-    _require(os.path.exists(config.tokenizer.path),
-             f"tokenizer.path={config.tokenizer.path!r} does not exist; give a SentencePiece "
-             ".model file or an HF tokenizer folder, or leave it empty.")
-  if data.proxy_hf_path and not data.proxy_hf_path.startswith("gs://"):
-    _require(os.path.isdir(data.proxy_hf_path),
-             f"data.proxy_hf_path={data.proxy_hf_path!r} is not a directory; point it at a "
-             "Hugging Face checkpoint folder, or leave it empty to score with the policy.")
-  src = data.source
-  if src.kind in ("text", "jsonl", "parquet"):
-    _require(bool(src.path) and os.path.exists(src.path),
-             f"data.source.path={src.path!r} does not exist; point it at the corpus file or "
-             "folder.")
-  if mode in ("all", "pretrain"):
-    pt = config.pretrain
-    _require(pt.steps >= 0 and pt.batch_size % ways == 0,
-             f"pretrain.batch_size={pt.batch_size} must be a multiple of the {ways}-way batch "
-             "split.")
+    _require(rpt.loss.beta == 0,
+             f"rl.beta={rpt.loss.beta}: a KL penalty needs reference-policy log-probs, which "
+             "the RPT loop does not compute; use rl.beta=0 (as the paper does).")
+  if mode in ("all", "pretrain") and spec.pretrain is not None:
+    _require(spec.pretrain.batch_size % ways == 0,
+             f"pretrain.batch_size={spec.pretrain.batch_size} must be a multiple of the "
+             f"{ways}-way batch split.")
+  _check_path(spec.model.hf_path, "model.hf_path", "point it at a Hugging Face checkpoint "
+              "folder (config.json + *.safetensors).", folder=True)
+  _check_path(spec.tokenizer_path, "tokenizer.path", "give a SentencePiece .model file or an "
+              "HF tokenizer folder, or leave it empty.", folder=False)
+  _check_path(spec.proxy_hf_path, "data.proxy_hf_path", "point it at a Hugging Face checkpoint "
+              "folder, or leave it empty to score with the policy.", folder=True)
+  if spec.source.kind in ("text", "jsonl", "parquet"):
+    _require(bool(spec.source.path) and os.path.exists(spec.source.path),
+             f"data.source.path={spec.source.path!r} does not exist; point it at the corpus "
+             "file or folder.")
 
 
-def validate_against_model(config: ml_collections.ConfigDict, max_positions: int,
-                           prompt_len: int | None = None) -> None:
+def validate_against_model(spec, max_positions: int, prompt_len: int | None = None) -> None:
   """Prompt + response must fit the model's positions (and the cache it implies)."""
-  prompt_len = prompt_len or max(config.data.prompt_buckets)
-  total = prompt_len + config.rl.max_new_tokens
+  prompt_len = prompt_len or max(spec.loader.prompt_buckets)
+  new_tokens = spec.rpt.max_new_tokens
+  total = prompt_len + new_tokens
   _require(total <= max_positions,
-           f"the longest prompt bucket ({prompt_len}) + rl.max_new_tokens "
-           f"({config.rl.max_new_tokens}) = {total} exceeds the model's "
-           f"max_position_embeddings={max_positions}; lower data.prompt_buckets or "
-           "rl.max_new_tokens.")
+           f"the longest prompt bucket ({prompt_len}) + rl.max_new_tokens ({new_tokens}) = "
+           f"{total} exceeds the model's max_position_embeddings={max_positions}; lower "
+           "data.prompt_buckets or rl.max_new_tokens.")

@@ -186,9 +186,10 @@ def prepared_workdir(tmp_path_factory, name: str) -> str:
     _CACHE_DIR.append(str(tmp_path_factory.getbasetemp() / "jax_compilation_cache"))
   if not (base / "records").exists():
     from rpt_jax import pipeline  # pylint: disable=g-import-not-at-top
+    from rpt_jax.spec import RunSpec  # pylint: disable=g-import-not-at-top
     build = str(base) + ".building"
     shutil.rmtree(build, ignore_errors=True)
-    run = pipeline.Run(micro_config(), build, progress=False)
+    run = pipeline.Run(RunSpec.from_config(micro_config()), build, progress=False)
     run.pretrain()
     run.prepare()
     os.rename(build, base)

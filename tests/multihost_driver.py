@@ -142,6 +142,7 @@ def main() -> None:
                               num_processes=args.num_processes, process_id=args.process_id)
   from rpt_jax import main as main_lib
   from rpt_jax import validate
+  from rpt_jax.spec import RunSpec
   from rpt_jax.rl import reward
 
   # Rewards with spread from a barely trained policy: 1 for the right next token, 0.5 for an
@@ -159,14 +160,15 @@ def main() -> None:
                                                    heartbeat_timeout_seconds=900)
   main_lib.initialize_distributed(config)  # The real start-up path (rpt_jax.main).
   assert jax.process_count() == args.num_processes, jax.process_count()
-  validate.validate_config(config, mode="all", num_devices=jax.device_count(),
-                           num_processes=jax.process_count())
+  spec = RunSpec.from_config(config)
+  validate.validate_run(spec, mode="all", num_devices=jax.device_count(),
+                        num_processes=jax.process_count())
   from rpt_jax import pipeline
   from rpt_jax.metrics import read_metrics
 
   from rpt_jax.train import process_batch_rows
 
-  run = pipeline.Run(config, args.workdir, progress=False)
+  run = pipeline.Run(spec, args.workdir, progress=False)
   result = {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "devices": jax.device_count(), "seconds": {},
             "batch_rows": process_batch_rows(run.mesh, run.rules, config.rl.batch_contexts)}

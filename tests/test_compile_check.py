@@ -8,7 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rpt_jax import compile_check
+from rpt_jax import compile_check, targets
+from rpt_jax.spec import RunSpec
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -65,7 +66,7 @@ needs_libtpu = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def aot_report():
-  return compile_check.check_run_config(small_config())
+  return compile_check.check_run_config(RunSpec.from_config(small_config()))
 
 
 @needs_libtpu
@@ -100,9 +101,9 @@ def test_aot_arguments_are_the_sharded_arrays(aot_report):
 
 
 def test_estimate_counts_by_hand():
-  config = small_config()
-  model = compile_check.model_config_from_run_config(config)
-  est = compile_check.estimate_memory(config, model, dict(data=1, fsdp=2, tensor=2))
+  spec = RunSpec.from_config(small_config())
+  model = spec.model.model_config(spec.untrained_vocab())
+  est = compile_check.estimate_memory(spec, model, dict(data=1, fsdp=2, tensor=2))
   params = params_per_device_by_hand()
   assert est["params"] == est["grads"] == params
   assert est["compute_params"] == params // 2
@@ -112,8 +113,8 @@ def test_estimate_counts_by_hand():
 
 
 def test_fallback_without_libtpu_counts_arrays_and_says_so(monkeypatch):
-  monkeypatch.setattr(compile_check, "libtpu_available", lambda: False)
-  report = compile_check.check_run_config(small_config(hbm_bytes=4 * 2**20))
+  monkeypatch.setattr(targets, "libtpu_available", lambda: False)
+  report = compile_check.check_run_config(RunSpec.from_config(small_config(hbm_bytes=4 * 2**20)))
   assert report["target"]["method"] == "eval_shape"
   assert "libtpu is not installed" in report["target"]["note"]
   params = params_per_device_by_hand()
@@ -131,7 +132,7 @@ def test_gpu_target_checked_from_a_cpu_machine_falls_back():
   config.compile_check = dict(platform="gpu", num_devices=8, device_kind="NVIDIA H100 80GB HBM3",
                               model=SMALL)
   config.mesh.update(data=1, fsdp=4, tensor=2)
-  report = compile_check.check_run_config(config)
+  report = compile_check.check_run_config(RunSpec.from_config(config))
   assert report["target"]["method"] == "eval_shape"
   assert report["target"]["hbm_gib"] == 80.0
   assert "not the target's" in report["target"]["note"]
@@ -141,7 +142,8 @@ def test_local_target_compiles_for_this_machines_devices():
   config = small_config()
   config.compile_check = dict(model=SMALL, hbm_bytes=GiB)  # The 8 simulated CPU devices.
   config.mesh.update(data=1, fsdp=4, tensor=2)
-  report = compile_check.check_run_config(config, programs=("sampler_prefill",))
+  report = compile_check.check_run_config(RunSpec.from_config(config),
+                                          programs=("sampler_prefill",))
   assert report["target"]["method"] == "aot" and report["target"]["num_devices"] == 8
   entry = report["programs"]["sampler_prefill"]
   assert entry["fits"] and entry["argument_bytes"] > 0
@@ -162,40 +164,41 @@ def test_errors_name_the_fix():
   config.compile_check = dict(V4_8, num_devices=8, model=SMALL)
   if importlib.util.find_spec("libtpu") is not None:
     with pytest.raises(ValueError, match="num_devices=8"):
-      compile_check.check_run_config(config)
+      compile_check.check_run_config(RunSpec.from_config(config))
   config = small_config()
   config.compile_check = dict(V4_8)  # no model, no hf_config
   config.model.hf_path = "/nonexistent/R1-Distill"
-  with pytest.raises(FileNotFoundError, match="compile_check.hf_config"):
-    compile_check.model_config_from_run_config(config)
+  spec = RunSpec.from_config(config)
+  with pytest.raises(ValueError, match="compile_check.hf_config"):
+    spec.model.model_config(spec.untrained_vocab())
   config.compile_check = dict(platform="gpu", num_devices=8, device_kind="Mystery GPU",
                               model=SMALL)
   config.mesh.fsdp = -1
   with pytest.raises(ValueError, match="compile_check.hbm_bytes"):
-    compile_check.check_run_config(config)
+    compile_check.check_run_config(RunSpec.from_config(config))
 
 
 @needs_libtpu
 def test_mesh_the_slice_cannot_lay_out_is_refused():
   # v4-128 is a 4x4x4 torus: jax.make_mesh (what a run uses) needs every mesh axis to be a
   # product of 4s, so an 8-way tensor axis would stop the real run at start-up.
-  devices = compile_check.tpu_topology_devices("v4:4x4x4", (2, 2, 1), "v4-128", "megacore")
+  devices = targets.tpu_topology_devices("v4:4x4x4", (2, 2, 1), "v4-128", "megacore")
   assert len(devices) == 64 and devices[0].device_kind == "TPU v4"
   with pytest.raises(ValueError, match="products of the slice's physical axis sizes"):
-    compile_check._mesh_over(devices, (1, 8, 8), "v4:4x4x4")
+    targets.mesh_over(devices, (1, 8, 8), "v4:4x4x4")
 
 
 @needs_libtpu
 def test_batch_shards_that_cross_hosts_are_counted():
   from rpt_jax import mesh as mesh_lib
-  devices = compile_check.tpu_topology_devices("v4:4x4x4", (2, 2, 1), "v4-128", "megacore")
+  devices = targets.tpu_topology_devices("v4:4x4x4", (2, 2, 1), "v4-128", "megacore")
   rules = mesh_lib.ShardingRules()
-  fsdp_only = compile_check._mesh_over(devices, (1, 64, 1), "v4:4x4x4")
-  assert compile_check.shared_batch_shards(fsdp_only, rules) == 1  # one chip per batch shard
-  tensor4 = compile_check._mesh_over(devices, (1, 16, 4), "v4:4x4x4")
+  fsdp_only = targets.mesh_over(devices, (1, 64, 1), "v4:4x4x4")
+  assert targets.shared_batch_shards(fsdp_only, rules) == 1  # one chip per batch shard
+  tensor4 = targets.mesh_over(devices, (1, 16, 4), "v4:4x4x4")
   # By hand: the batch shard of mesh row (0, j) is held by its 4 tensor chips; count the hosts.
   procs = [{d.process_index for d in tensor4.devices[0, j]} for j in range(16)]
-  assert compile_check.shared_batch_shards(tensor4, rules) == max(len(p) for p in procs) > 1
+  assert targets.shared_batch_shards(tensor4, rules) == max(len(p) for p in procs) > 1
 
 
 @pytest.mark.skipif(not os.environ.get("RPT_FULL_COMPILE_CHECK"),
@@ -203,7 +206,7 @@ def test_batch_shards_that_cross_hosts_are_counted():
                     "set RPT_FULL_COMPILE_CHECK=1")
 @needs_libtpu
 def test_full_v4_128_config():
-  report = compile_check.check_run_config(load_config("tpu_v4"))
+  report = compile_check.check_run_config(RunSpec.from_config(load_config("tpu_v4")))
   assert report["target"]["method"] == "aot"
   for entry in report["programs"].values():
     assert entry["fits"], entry["message"]

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from rpt_jax import compile_check, validate
+from rpt_jax.spec import RunSpec
 from rpt_jax import mesh as mesh_lib
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -43,10 +44,11 @@ def test_config_validates_for_its_devices(name):
   # The paper's 8,192-token responses fit a TPU chip only with ONE response row per device per
   # micro-step (fewer contexts than batch shards, their C x G rows split evenly): validate
   # accepts that as long as the rows divide the batch split.
-  validate.validate_config(config, mode="train", num_devices=devices, num_processes=processes)
+  spec = RunSpec.from_config(config)
+  validate.validate_run(spec, mode="train", num_devices=devices, num_processes=processes)
   if name in HARDWARE:
-    model = compile_check.model_config_from_run_config(config)
-    validate.validate_against_model(config, model.max_position_embeddings)
+    model = spec.model.model_config(spec.untrained_vocab())
+    validate.validate_against_model(spec, model.max_position_embeddings)
     assert config.model.param_dtype == "float32" and config.model.compute_dtype == "bfloat16"
     assert config.model.remat != "none"
 
@@ -71,7 +73,8 @@ PARAMS_14B = 2 * V * D + LAYERS * LAYER + D
 
 
 def test_r1_distill_qwen_14b_architecture():
-  model = compile_check.model_config_from_run_config(load("tpu_v4"))
+  spec = RunSpec.from_config(load("tpu_v4"))
+  model = spec.model.model_config(spec.untrained_vocab())
   assert model.num_params() == PARAMS_14B == 14_770_033_664
   assert (model.num_layers, model.num_heads, model.num_kv_heads, model.head_dim) == (48, 40, 8, 128)
   # KV cache per token in bf16: 2 (k, v) x 48 x 8 x 128 x 2 B = 192 KiB (DESIGN.md).
@@ -84,8 +87,9 @@ def test_stated_memory_matches_eval_shape_count(name):
   cc = config.compile_check
   mesh_shape = dict(zip(mesh_lib.MESH_AXES, mesh_lib.MeshConfig(**config.mesh.to_dict()).shape(
       cc.num_devices)))
-  model = compile_check.model_config_from_run_config(config)
-  counted = compile_check.estimate_memory(config, model, mesh_shape)
+  spec = RunSpec.from_config(config)
+  model = spec.model.model_config(spec.untrained_vocab())
+  counted = compile_check.estimate_memory(spec, model, mesh_shape)
   for key, stated in cc.stated_gib.items():
     # Stated to two decimals in the config; norms/biases replicated add a little.
     assert math.isclose(counted[key] / 2**30, stated, rel_tol=0.02, abs_tol=0.01), (

@@ -16,8 +16,10 @@ import pytest
 from flax import nnx
 
 from rpt_jax import evaluate as ev
+from rpt_jax import report as report_lib
+from rpt_jax import scaling
 from rpt_jax.data import records
-from rpt_jax.data.prepare import MANIFEST, MANIFEST_FORMAT
+from rpt_jax.data.manifest import MANIFEST, MANIFEST_FORMAT
 from rpt_jax.data.records import PositionRecord
 from rpt_jax.model.config import ModelConfig
 from rpt_jax.model.transformer import Transformer
@@ -262,17 +264,17 @@ def test_evaluate_report_matches_hand_worked_numbers(tiny_model, tokenizer, reco
   assert all(c["temperature"] == 0.7 for c in sampler.calls)
   assert sampler.calls[0]["rng"] != sampler.calls[1]["rng"]  # a fresh key per batch
 
-  path = ev.write_report(report, str(tmp_path), "eval")
+  path = report_lib.write_report(report, str(tmp_path), "eval")
   with open(path) as f:
     assert json.load(f) == report
-  table = ev.format_table(report)
+  table = report_lib.format_table(report)
   assert "| mode (accuracy %) | easy (n=5) | medium (n=3) | hard (n=2) | all (n=6) |" in table
   assert "| standard next-token prediction (argmax) | 60.00 | 33.33 | 50.00 | 66.67 |" in table
   assert "| next-token reasoning (1 sample) | 40.00 | 66.67 | 100.00 | 50.00 |" in table
   assert "| pass@2 | 70.00 | 88.89 | 91.67 | 72.22 |" in table
   for name, reports in (("one.png", report), ("two.png", {"before RPT": report,
                                                           "after RPT": report})):
-    out = ev.plot_report(reports, str(tmp_path / name))
+    out = report_lib.plot_report(reports, str(tmp_path / name))
     with open(out, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -283,7 +285,7 @@ def test_modes_can_run_alone(tiny_model, tokenizer, records_dir):
                        rng=jax.random.key(0))
   assert report["all"]["reasoning_accuracy"] is None and report["all"]["format_rate"] is None
   assert report["easy"]["standard_accuracy"] == pytest.approx(60.0)
-  assert "reasoning" not in ev.format_table(report)
+  assert "reasoning" not in report_lib.format_table(report)
 
 
 def test_prompt_left_truncation_keeps_the_end_of_the_context(tokenizer):
@@ -329,8 +331,8 @@ def test_rl_step_flops_by_hand():
   # + 8*100] = 2 * 1952 = 3904, attention 4 * 2 layers * 2 heads * 4 * 16 = 1024: 4928.
   # Shared prefix: 3 * (10 + 4 * 6) = 102 tokens; per row: 3 * 4 * 16 = 192. Times 4 (1 + 3).
   kw = dict(contexts=3, generations=4, prompt_len=10, response_len=6)
-  assert ev.rl_step_flops(config, **kw) == 4 * 102 * 4928
-  assert ev.rl_step_flops(config, shared_prefix=False, **kw) == 4 * 192 * 4928
+  assert scaling.rl_step_flops(config, **kw) == 4 * 102 * 4928
+  assert scaling.rl_step_flops(config, shared_prefix=False, **kw) == 4 * 192 * 4928
 
 
 def _report(accuracy_by_split):
@@ -345,7 +347,7 @@ def test_scaling_report_recovers_known_laws(tmp_path):
     accs = {s: a / c**alpha + p for s, (a, alpha, p) in laws.items()}
     accs["hard"] = 20.0 + i if i < 2 else None  # measured at two checkpoints only
     points.append((float(c), _report(accs)))
-  out = ev.scaling_report(points, str(tmp_path))
+  out = scaling.scaling_report(points, str(tmp_path))
   for split, (a, alpha, p) in laws.items():
     assert out[split]["alpha"] == pytest.approx(alpha, rel=1e-5)
     assert out[split]["A"] == pytest.approx(a, rel=1e-4)
@@ -356,7 +358,7 @@ def test_scaling_report_recovers_known_laws(tmp_path):
   with open(tmp_path / "scaling.json") as f:
     assert json.load(f)["easy"]["alpha"] == pytest.approx(0.08, rel=1e-5)
 
-  few = ev.scaling_report(points[:2], str(tmp_path / "few"))
+  few = scaling.scaling_report(points[:2], str(tmp_path / "few"))
   assert few["plot"] is None
   assert all("not enough points" in few[s]["error"] for s in ("easy", "medium", "hard"))
 

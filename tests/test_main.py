@@ -104,8 +104,9 @@ def test_export_loads_in_transformers_with_the_same_logits(finished, config_path
 
   # Our side: the policy as the trainer restores it from the last RPT checkpoint.
   from rpt_jax import pipeline
-  run = pipeline.Run(micro_run.micro_config(), workdir, progress=False)
-  assert run._sync_policy_from_checkpoint() == STEPS  # pylint: disable=protected-access
+  from rpt_jax.spec import RunSpec
+  run = pipeline.Run(RunSpec.from_config(micro_run.micro_config()), workdir, progress=False)
+  assert run._load_rpt_params() == STEPS  # pylint: disable=protected-access
   tokens = np.random.default_rng(0).integers(0, run.model_config.vocab_size, (2, 24))
   ours = np.asarray(run.model(tokens))
 
@@ -116,5 +117,6 @@ def test_export_loads_in_transformers_with_the_same_logits(finished, config_path
   np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
 
   # And the export is the RPT-trained policy, not the pretrained one it started from.
-  pretrained = pipeline.Run(micro_run.micro_config(), workdir, progress=False).model
+  pretrained = pipeline.Run(RunSpec.from_config(micro_run.micro_config()), workdir,
+                            progress=False).model
   assert np.abs(np.asarray(pretrained(tokens)) - ours).max() > 1e-4

@@ -57,10 +57,12 @@ def test_unmounted_bucket_is_refused_with_the_fix(mounts):
 def test_a_run_on_a_gcs_workdir_writes_files_through_the_mount(mounts, monkeypatch):
   from configs import local
   from rpt_jax import pipeline
+  from rpt_jax.spec import RunSpec
 
   mounts_file, mount = mounts
   monkeypatch.setattr(run_dir, "gcsfuse_mounts", lambda *a, **k: {"my-bucket": mount})
-  run = pipeline.Run(local.get_config(), "gs://my-bucket/rpt/run1", progress=False)
+  run = pipeline.Run(RunSpec.from_config(local.get_config()), "gs://my-bucket/rpt/run1",
+                     progress=False)
   assert run.workdir == "gs://my-bucket/rpt/run1"  # Orbax: checkpoints straight to GCS
   assert run.files == os.path.join(mount, "rpt/run1")
   assert run.records_dir == os.path.join(mount, "rpt/run1", "records")

@@ -16,6 +16,7 @@ import pytest
 
 import micro_run
 from rpt_jax import validate
+from rpt_jax.spec import RunSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -31,15 +32,16 @@ def _config(**overrides):
 
 
 def _check(config, mode="all", num_devices=DEVICES, num_processes=1):
-  validate.validate_config(config, mode=mode, num_devices=num_devices,
-                           num_processes=num_processes)
+  """The two checks a run makes before building anything: the spec, then the device layout."""
+  validate.validate_run(RunSpec.from_config(config), mode=mode, num_devices=num_devices,
+                        num_processes=num_processes)
 
 
 def test_shipped_configs_are_valid():
   _check(local.get_config())
   _check(base.get_config())  # 256 contexts, micro-batches 64 / 8 on 8 devices
   # local.py's own model: its longest prompt bucket (192) + 24 response tokens <= 512 positions.
-  validate.validate_against_model(local.get_config(), 512)
+  validate.validate_against_model(RunSpec.from_config(local.get_config()), 512)
 
 
 # (override, the text the error must contain: the field and its bad value)
@@ -50,13 +52,16 @@ BAD = [
      "rl.batch_contexts=12 is not divisible by the 8-way batch split"),
     (dict(rl__rollout_micro_batch=12), "rl.rollout_micro_batch=12 must divide"),  # 16 % 12
     # 1 context x G=4 rows cannot split 8 ways (2 contexts x 4 rows can: prompts replicate).
-    (dict(rl__num_generations=4, rl__train_micro_batch=1), "rl.train_micro_batch=1 must divide"),
+    (dict(rl__num_generations=4, rl__train_micro_batch=1),
+     "rl.train_micro_batch=1 gives 4 rows per micro-batch"),
     (dict(rl__temperature=-0.1), "rl.temperature=-0.1"),
+    # GRPO needs G different rollouts, and the update scores them at the sampling temperature.
+    (dict(rl__temperature=0.0), "rl.temperature=0.0 must be > 0"),
     (dict(rl__top_p=0.0), "rl.top_p=0.0"),
     (dict(rl__top_p=1.5), "rl.top_p=1.5"),
     (dict(rl__max_new_tokens=0), "rl.max_new_tokens=0"),
     (dict(rl__advantage="ppo"), "rl.advantage='ppo'"),
-    (dict(rl__reward="exact"), "rl.reward: unknown reward 'exact'"),
+    (dict(rl__reward="exact"), "rl.reward='exact': unknown reward 'exact'"),
     (dict(data__template="v9"), "data.template: unknown prompt template 'v9'"),
     (dict(data__filter="loss"), "data.filter: unknown position filter 'loss'"),
     (dict(rl__aggregation="sum"), "rl.aggregation='sum'"),
@@ -75,7 +80,8 @@ BAD = [
     (dict(data__proxy_hf_path="/nonexistent/proxy"), "data.proxy_hf_path='/nonexistent/proxy'"),
     (dict(data__source__kind="jsonl", data__source__path="/nonexistent/c.jsonl"),
      "data.source.path='/nonexistent/c.jsonl'"),
-    (dict(data__source__kind="text", data__source__path=""), "data.source.path=''"),
+    (dict(data__source__kind="text", data__source__path=""),
+     "data.source: source kind 'text' needs `path`"),
 ]
 
 
@@ -92,8 +98,8 @@ def test_batch_split_follows_the_mesh_and_processes():
     _check(_config(mesh__data=2, mesh__fsdp=4, rl__batch_contexts=4,
                    rl__rollout_micro_batch=4, rl__train_micro_batch=4))
   # With the batch on 'data' only (fsdp shards weights, not rows) 4 contexts split 2 ways.
-  assert validate.batch_axis_size(_config(mesh__data=2, mesh__fsdp=4,
-                                          sharding_rules=(("batch", "data"),)), DEVICES) == 2
+  assert validate.batch_axis_size(RunSpec.from_config(_config(
+      mesh__data=2, mesh__fsdp=4, sharding_rules=(("batch", "data"),))), DEVICES) == 2
   with pytest.raises(validate.ConfigError, match="not divisible by the 3 processes"):
     _check(_config(), num_processes=3)  # 16 contexts
 
@@ -110,8 +116,8 @@ def test_prompt_plus_response_must_fit_the_model():
   c = _config(rl__max_new_tokens=400)  # 192 + 400 > 512
   with pytest.raises(validate.ConfigError, match=r"192\) \+ rl.max_new_tokens \(400\) = 592"
                      r" exceeds the model's max_position_embeddings=512"):
-    validate.validate_against_model(c, 512)
-  validate.validate_against_model(c, 592)  # exactly full is fine
+    validate.validate_against_model(RunSpec.from_config(c), 512)
+  validate.validate_against_model(RunSpec.from_config(c), 592)  # exactly full is fine
 
 
 def _main(tmp_path, *flags: str) -> subprocess.CompletedProcess:

@@ -27,13 +27,13 @@ import functools
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain.python as grain
 import jax
 import numpy as np
 
-from rpt_jax.data.prepare import MANIFEST, MANIFEST_FORMAT
+from rpt_jax.data.manifest import MANIFEST, MANIFEST_FORMAT
 from rpt_jax.data.records import SPLITS, PositionRecord
 from rpt_jax.rl import prompts
 
@@ -101,20 +101,8 @@ class _BuildPrompt(grain.MapTransform):
 
   def map(self, data: bytes) -> dict[str, Any]:
     record = PositionRecord.from_bytes(data)
-    context = record.context_ids
-    ids = prompts.build_prompt_ids(self._tokenizer.decode(context), self._tokenizer,
-                                   self._template)
-    truncated = False
-    while len(ids) > self._max_tokens:
-      if len(context) == 0:
-        raise ValueError(
-            f"prompt template {self._template!r} alone takes {len(ids)} tokens, more than the "
-            f"largest prompt bucket {self._max_tokens}; raise prompt_buckets.")
-      # Drop at least the overflow from the context's start (decode/encode may not be 1:1).
-      context = context[len(ids) - self._max_tokens:]
-      ids = prompts.build_prompt_ids(self._tokenizer.decode(context), self._tokenizer,
-                                     self._template)
-      truncated = True
+    ids, truncated = prompts.fitted_prompt_ids(record.context_ids, self._tokenizer,
+                                               self._template, self._max_tokens)
     return {"prompt": np.asarray(ids, np.int32), "record": record, "truncated": truncated}
 
 
@@ -162,14 +150,16 @@ class GlobalBatchSampler:
   """
 
   def __init__(self, num_records: int, *, global_batch: int, rows: Sequence[int], shuffle: bool,
-               seed: int, num_epochs: int | None, worker_count: int = 0):
+               seed: int, num_epochs: int | None, worker_count: int = 0, first_batch: int = 0):
     self._base = grain.IndexSampler(num_records=num_records, shard_options=grain.NoSharding(),
                                     shuffle=shuffle, num_epochs=num_epochs, seed=seed)
     self.global_batch, self.rows = int(global_batch), tuple(int(r) for r in rows)
     self._workers = max(int(worker_count), 1)
     self._args = (num_records, shuffle, seed, num_epochs)
+    self.first_batch = int(first_batch)  # Local batch n is global batch first_batch + n.
     b = len(self.rows)
-    full = None if num_epochs is None else num_epochs * num_records // self.global_batch
+    full = None if num_epochs is None else max(
+        num_epochs * num_records // self.global_batch - self.first_batch, 0)
     # Only whole global batches: with num_epochs, the last partial one is dropped everywhere.
     self._len = sys.maxsize if full is None else full * b
 
@@ -179,24 +169,27 @@ class GlobalBatchSampler:
   def __repr__(self) -> str:  # Grain checks a restored state against this.
     return (f"GlobalBatchSampler(records={self._args[0]}, global_batch={self.global_batch}, "
             f"rows={list(self.rows)}, shuffle={self._args[1]}, seed={self._args[2]}, "
-            f"num_epochs={self._args[3]}, workers={self._workers})")
+            f"num_epochs={self._args[3]}, workers={self._workers}, first_batch={self.first_batch})")
 
   def __getitem__(self, index: int):
     if not 0 <= index < self._len:
       raise IndexError(f"index {index} out of range [0, {self._len}).")
     w, q = index % self._workers, index // self._workers
     b = len(self.rows)
-    batch = (q // b) * self._workers + w
+    batch = self.first_batch + (q // b) * self._workers + w
     return self._base[batch * self.global_batch + self.rows[q % b]]
 
 
 class PromptIterator:
-  """Iterator over `PromptBatch`es with Grain's checkpointable state."""
+  """Iterator over `PromptBatch`es with Grain's checkpointable state.
 
-  def __init__(self, grain_iterator, *, batch_size: int = 0, worker_count: int = 0):
-    self.grain_iterator = grain_iterator  # For Orbax: grain.PyGrainCheckpointSave(it).
+  `loader_at(n)` builds the Grain loader whose first batch is global batch n (`PromptLoader.at`).
+  """
+
+  def __init__(self, loader_at: Callable[[int], grain.DataLoader]):
+    self._loader_at = loader_at
+    self.grain_iterator = iter(loader_at(0))  # For Orbax: grain.PyGrainCheckpointSave(it).
     self.truncated_prompts = 0
-    self._batch_size, self._worker_count = batch_size, worker_count
 
   def __iter__(self) -> "PromptIterator":
     return self
@@ -211,23 +204,17 @@ class PromptIterator:
     return self.grain_iterator.get_state()
 
   def set_state(self, state: bytes) -> None:
+    """Raises ValueError for a state Grain refuses (another loader layout or data folder)."""
     self.grain_iterator.set_state(state)
 
   def seek(self, num_batches: int) -> None:
     """Continues with batch `num_batches` (0-based) of the sequence, as if that many batches had
     been read. Batch n is global batch n on every process count, so this restores the data
-    position of a checkpoint written under another process count. Rewrites the position fields
-    of Grain's DataLoader state (`last_seen_indices`, `last_worker_index`)."""
-    state = json.loads(self.grain_iterator.get_state())
-    b, w = self._batch_size, self._worker_count
-    if w == 0:
-      state["last_seen_indices"] = {"0": num_batches * b - 1}
-      state["last_worker_index"] = -1
-    else:  # Worker i has produced the batches n < num_batches with n % w == i.
-      done = [max(0, -(-(num_batches - i) // w)) for i in range(w)]
-      state["last_seen_indices"] = {str(i): i - w + done[i] * b * w for i in range(w)}
-      state["last_worker_index"] = (num_batches - 1) % w if num_batches else -1
-    self.grain_iterator.set_state(json.dumps(state).encode())
+    position of a checkpoint written under another process count. A new Grain loader starts at
+    that batch (its sampler is offset); no Grain state is edited."""
+    if num_batches < 0:
+      raise ValueError(f"seek({num_batches}): the batch number must be >= 0.")
+    self.grain_iterator = iter(self._loader_at(int(num_batches)))
 
 
 class PromptLoader:
@@ -289,9 +276,8 @@ class PromptLoader:
         0 <= r < global_batch for r in rows):
       raise ValueError(f"rows={list(rows)} must be {batch_size} distinct rows of the global "
                        f"batch of {global_batch} (batch_size x shard_count).")
-    self.sampler = GlobalBatchSampler(
-        self.num_records, global_batch=global_batch, rows=rows, shuffle=shuffle, seed=seed,
-        num_epochs=num_epochs, worker_count=worker_count)
+    self._sampler_args = dict(global_batch=global_batch, rows=rows, shuffle=shuffle, seed=seed,
+                              num_epochs=num_epochs, worker_count=worker_count)
     self.batch_size, self.worker_count = batch_size, worker_count
     completion_tokens = self.manifest["identity"]["config"]["completion_tokens"]
     collate = functools.partial(
@@ -306,13 +292,17 @@ class PromptLoader:
       from absl import flags  # Grain's worker processes read absl flags.
       if not flags.FLAGS.is_parsed():  # Outside an absl app (tests, notebooks): use defaults.
         flags.FLAGS.mark_as_parsed()
-    self.loader = grain.DataLoader(data_source=self.source, sampler=self.sampler,
-                                   operations=self.operations, worker_count=worker_count,
-                                   shard_options=grain.NoSharding())
+
+  def at(self, first_batch: int) -> grain.DataLoader:
+    """The Grain loader whose first batch is global batch `first_batch`."""
+    sampler = GlobalBatchSampler(self.num_records, first_batch=first_batch,
+                                 **self._sampler_args)
+    return grain.DataLoader(data_source=self.source, sampler=sampler,
+                            operations=self.operations, worker_count=self.worker_count,
+                            shard_options=grain.NoSharding())
 
   def __iter__(self) -> PromptIterator:
-    return PromptIterator(iter(self.loader), batch_size=self.batch_size,
-                          worker_count=self.worker_count)
+    return PromptIterator(self.at)
 
 
 def make_prompt_loader(data_dir: str, split: str, tokenizer, **kwargs) -> PromptLoader:

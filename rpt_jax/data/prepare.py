@@ -29,30 +29,22 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import itertools
 import json
 import os
-import shutil
-import time
-import warnings
 from typing import Any, Iterator, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from rpt_jax.data import filtering, records
+from rpt_jax.data.fingerprints import proxy_identity, tokenizer_identity
+from rpt_jax.data.manifest import MANIFEST, finish_manifest, read_json, split_counts, write_json
 from rpt_jax.data.sources import SourceConfig, SourceStats, iter_documents
 
-MANIFEST = "manifest.json"
-MARKER_WAIT_S = 60.0  # how long process 0 waits for other hosts' shard markers to appear
 PROGRESS = "progress"
-MANIFEST_FORMAT = "rpt_jax.position_records"
-_TOKENIZER_PROBE = ("The quick brown fox jumps over 13 lazy dogs: 4827 + 3596 = 8423. "
-                    "é ü 数学 😀\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +98,10 @@ class PrepareConfig:
     if isinstance(self.source, Mapping):
       object.__setattr__(self, "source", SourceConfig(**self.source))
     object.__setattr__(self, "bucket_thresholds", tuple(float(t) for t in self.bucket_thresholds))
-    filtering.get_filter(self.filter)  # Raises for an unknown name.
+    try:
+      filtering.get_filter(self.filter)
+    except ValueError as e:
+      raise ValueError(f"filter: {e}") from None
     thresholds = self.bucket_thresholds
     if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
       raise ValueError(f"bucket_thresholds={thresholds} must be strictly increasing.")
@@ -131,78 +126,9 @@ class PrepareConfig:
     return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def tokenizer_identity(tokenizer) -> dict[str, Any]:
-  """Class, special ids, vocab size and a fingerprint of how a fixed probe text encodes."""
-  probe = [int(i) for i in tokenizer.encode(_TOKENIZER_PROBE)]
-  return {
-      "class": type(tokenizer).__name__,
-      "vocab_size": int(tokenizer.vocab_size),
-      "bos_id": getattr(tokenizer, "bos_id", None),
-      "eos_id": getattr(tokenizer, "eos_id", None),
-      "pad_id": getattr(tokenizer, "pad_id", None),
-      "probe_sha256": hashlib.sha256(json.dumps(probe).encode()).hexdigest(),
-  }
-
-
-def _uint32_bits(x: jax.Array) -> jax.Array:
-  """The bit pattern of every element as uint32 (1, 2 and 4-byte dtypes)."""
-  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(jnp.dtype(x.dtype).itemsize)
-  if unsigned is None:
-    raise ValueError(f"proxy parameter dtype {x.dtype} has no 1, 2 or 4-byte bit pattern.")
-  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-
-
-def _bit_checksums(x: jax.Array) -> jax.Array:
-  """[2] uint32: the wrapping sums of x's bits and of its bits times an odd hash of the flat
-  index. Integer sums are exact in any order, so every mesh and process count gives the same
-  numbers; the index is built from per-axis iotas, so sharded parameters stay in place."""
-  bits = _uint32_bits(x)
-  index = jnp.zeros(x.shape, jnp.uint32)
-  for axis in range(x.ndim):
-    index = index * jnp.uint32(x.shape[axis]) + jax.lax.broadcasted_iota(
-        jnp.uint32, x.shape, axis)
-  weight = index * jnp.uint32(2654435761) + jnp.uint32(1)  # Knuth's multiplicative hash, odd
-  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)])
-
-
-def proxy_identity(model: nnx.Module) -> dict[str, Any]:
-  """Parameter count and a fingerprint of every parameter's path, shape, dtype and exact bits
-  (`_bit_checksums`): the same for the same weights on any mesh, device or process count."""
-  state = nnx.state(model, nnx.Param)
-  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-  sums = jax.jit(lambda xs: [_bit_checksums(x) for x in xs])([leaf for _, leaf in leaves])
-  # Replicated [2] results: every process reads its own copy.
-  sums = [np.asarray(s.addressable_data(0)) for s in sums]
-  digest = hashlib.sha256()
-  for (path, leaf), pair in zip(leaves, sums):
-    digest.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|"
-                  f"{int(pair[0])}|{int(pair[1])}\n".encode())
-  return {"class": type(model).__name__,
-          "num_params": int(sum(int(np.prod(leaf.shape)) for _, leaf in leaves)),
-          "params_sha256": digest.hexdigest()}
-
-
-def _write_json(path: str, obj: Any) -> None:
-  """Atomic JSON write (temporary name, then rename); sorted keys for byte-stable output."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
-def _read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
-
-
 def _shards(documents: Iterator[str], size: int) -> Iterator[list[str]]:
   while chunk := list(itertools.islice(documents, size)):
     yield chunk
-
-
-def _split_counts(thresholds: tuple[float, ...]) -> dict[str, Any]:
-  return {"records": 0, "documents": 0, "buckets": {str(b): 0 for b in range(len(thresholds) + 1)}}
 
 
 class _ShardWork:
@@ -229,7 +155,7 @@ def _process_shard(work: _ShardWork, config: PrepareConfig, scorer: filtering.Pr
   """Scores, filters and (when `write`) writes one document shard; returns its marker."""
   ids, encoded, documents = work.ids, work.encoded, work.documents
   usable = work.usable
-  counts = {s: _split_counts(config.bucket_thresholds) for s in records.SPLITS}
+  counts = {s: split_counts(config.bucket_thresholds) for s in records.SPLITS}
   marker = {"shard": work.shard, "documents": len(documents),
             "short_documents": len(documents) - len(usable), "positions_scored": 0,
             "positions_selected": 0, "max_completion_bytes": 0}
@@ -279,40 +205,6 @@ def _process_shard(work: _ShardWork, config: PrepareConfig, scorer: filtering.Pr
   return marker
 
 
-def _manifest(identity: dict[str, Any], markers: list[dict[str, Any]],
-              stats: SourceStats) -> dict[str, Any]:
-  thresholds = tuple(identity["config"]["bucket_thresholds"])
-  counts = {s: _split_counts(thresholds) for s in records.SPLITS}
-  for m in markers:
-    for s in records.SPLITS:
-      counts[s]["records"] += m["counts"][s]["records"]
-      counts[s]["documents"] += m["counts"][s]["documents"]
-      for b, n in m["counts"][s]["buckets"].items():
-        counts[s]["buckets"][b] += n
-  for s in records.SPLITS:
-    buckets = counts[s]["buckets"]
-    # Nested difficulty sets: "above threshold i" = bucket > i.
-    counts[s]["above_threshold"] = {
-        str(t): sum(n for b, n in buckets.items() if int(b) > i) for i, t in enumerate(thresholds)}
-  return {
-      "format": MANIFEST_FORMAT,
-      "record_version": records.FORMAT_VERSION,
-      "identity": identity,
-      "files": {s: [m["files"][s] for m in markers if s in m["files"]] for s in records.SPLITS},
-      "counts": counts,
-      "max_completion_bytes": max(m["max_completion_bytes"] for m in markers),
-      "documents": {
-          "read": stats.documents,
-          "skipped_empty": stats.skipped_empty,
-          "invalid_utf8": stats.invalid_utf8_documents,
-          "short": sum(m["short_documents"] for m in markers),
-          "positions_scored": sum(m["positions_scored"] for m in markers),
-          "positions_selected": sum(m["positions_selected"] for m in markers),
-      },
-      "num_shards": len(markers),
-  }
-
-
 def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: str, *,
             mesh: Mesh | None = None, show_progress: bool = True) -> dict[str, Any]:
   """Runs the data stage end to end and returns the manifest (also in out_dir/manifest.json).
@@ -354,14 +246,14 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
   identity_path = os.path.join(progress_dir, "identity.json")
   for existing in (manifest_path, identity_path):
     if os.path.exists(existing):
-      found = _read_json(existing)
+      found = read_json(existing)
       found = found.get("identity", found)
       if found != identity:
         raise ValueError(
             f"{out_dir!r} holds data prepared with another config, tokenizer or proxy "
             f"({existing}); use a new out_dir or delete it.")
       if existing == manifest_path:
-        return _read_json(manifest_path)
+        return read_json(manifest_path)
 
   stats = SourceStats()
   documents = iter_documents(config.source, stats)
@@ -373,7 +265,7 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
     for stale in glob.glob(os.path.join(out_dir, "*.tmp")) + glob.glob(
         os.path.join(progress_dir, "*.tmp")):
       os.remove(stale)  # Left by an interrupted run; never mistaken for output.
-    _write_json(identity_path, identity)
+    write_json(identity_path, identity)
   sync.barrier("prepare:started")
 
   scorer = filtering.make_proxy_scorer(
@@ -404,7 +296,7 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
         marker = _process_shard(work, config, scorer, out_dir, num_batches=calls,
                                 write=feed.leader and not done)
         if marker is not None:
-          _write_json(marker_path, marker)
+          write_json(marker_path, marker)
       num_shards += len(batch)
       bar.update(sum(len(d) for d in batch))
 
@@ -413,44 +305,15 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
   error = None
   if sync.main:
     try:
-      manifest = _finish(identity, marker_paths, stats, config, progress_dir, out_dir, created)
-      _write_json(manifest_path, manifest)
+      manifest = finish_manifest(identity, marker_paths, stats, config, progress_dir, out_dir, created)
+      write_json(manifest_path, manifest)
     except (ValueError, FileNotFoundError) as e:  # Raised on every process, below.
       error = e
   if not sync.all_ok(error is None):
     if error is not None:
       raise error
     raise RuntimeError("data preparation failed on process 0; see its log.")
-  return _read_json(manifest_path)
-
-
-def _finish(identity, marker_paths, stats, config, progress_dir, out_dir, created):
-  """The manifest from every shard's marker (process 0)."""
-  deadline = time.monotonic() + MARKER_WAIT_S
-  while True:  # Markers other hosts wrote may show up late on a network file system.
-    missing = [p for p in marker_paths if not os.path.exists(p)]
-    if not missing or time.monotonic() > deadline:
-      break
-    time.sleep(1.0)
-  if missing:
-    raise FileNotFoundError(f"shard markers {missing} are missing after every shard was scored; "
-                            "is out_dir on a file system all processes share?")
-  manifest = _manifest(identity, [_read_json(p) for p in marker_paths], stats)
-  short = manifest["documents"]["short"]
-  if short:
-    warnings.warn(
-        f"{short} of {stats.documents} documents have at most min_context_tokens="
-        f"{config.min_context_tokens} tokens and gave no positions.", stacklevel=3)
-  if sum(manifest["counts"][s]["records"] for s in records.SPLITS) == 0:
-    shutil.rmtree(progress_dir)
-    if created:
-      shutil.rmtree(out_dir, ignore_errors=True)
-    raise ValueError(
-        f"no position was selected from {stats.documents} documents ({short} shorter than "
-        f"min_context_tokens={config.min_context_tokens} + 1 tokens, filter {config.filter!r}, "
-        f"entropy_threshold={config.entropy_threshold}); lower min_context_tokens or the "
-        "threshold, or use longer documents. Nothing was written.")
-  return manifest
+  return read_json(manifest_path)
 
 
 class _Sync:
@@ -487,48 +350,3 @@ class _Sync:
   def flag_of(self, process: int, flag: bool) -> bool:
     """`flag` as `process` sees it (every process calls this with its own flag)."""
     return bool(self._gather(int(flag))[process]) if self.multi else flag
-
-
-def main(argv: list[str] | None = None) -> None:
-  """Standalone use: `python -m rpt_jax.data.prepare --out DIR --tokenizer T --proxy HF_DIR`."""
-  import argparse
-
-  p = argparse.ArgumentParser(description="Score, filter and write RPT position records.")
-  p.add_argument("--out", required=True, help="output folder (resumes if it exists)")
-  p.add_argument("--tokenizer", required=True, help="SentencePiece .model or HF tokenizer dir")
-  p.add_argument("--proxy", required=True, help="HF model dir (config.json + safetensors)")
-  p.add_argument("--kind", default="synthetic", help="source kind: text|jsonl|parquet|tfds|"
-                 "synthetic")
-  p.add_argument("--path", help="corpus file or folder")
-  p.add_argument("--field", default="text")
-  p.add_argument("--tfds-name")
-  p.add_argument("--tfds-data-dir")
-  p.add_argument("--split", default="train")
-  p.add_argument("--split-on-blank-lines", action="store_true")
-  p.add_argument("--max-documents", type=int)
-  defaults = PrepareConfig()
-  for name in ("filter", "entropy_threshold", "min_context_tokens", "max_prompt_tokens",
-               "completion_tokens", "max_positions_per_document", "score_seq_len",
-               "score_overlap", "score_batch_size", "eval_fraction", "seed", "docs_per_shard"):
-    value = getattr(defaults, name)
-    kind = type(value) if value is not None else int
-    p.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
-  args = p.parse_args(argv)
-
-  from rpt_jax.model.hf_io import load_hf
-  from rpt_jax.tokenizer import load_tokenizer
-
-  source = SourceConfig(kind=args.kind, path=args.path, field=args.field, name=args.tfds_name,
-                        data_dir=args.tfds_data_dir, split=args.split,
-                        split_on_blank_lines=args.split_on_blank_lines,
-                        max_documents=args.max_documents)
-  fields = {f.name for f in dataclasses.fields(PrepareConfig)}
-  config = PrepareConfig(source=source, tokenizer_id=args.tokenizer, proxy_id=args.proxy,
-                         **{k: v for k, v in vars(args).items() if k in fields})
-  model, _ = load_hf(args.proxy)
-  manifest = prepare(config, load_tokenizer(args.tokenizer), model, args.out)
-  print(json.dumps({"out": args.out, "counts": manifest.get("counts", manifest)}, indent=1))
-
-
-if __name__ == "__main__":
-  main()

@@ -81,12 +81,3 @@ def group_advantages(rewards_N: jax.Array, group_size: int, estimator: str = "gr
                      "each rollout with the mean of the other rollouts of its group.")
   rewards_NG = _grouped(rewards_N, group_size)
   return estimate(rewards_NG, eps).reshape(-1)
-
-
-def zero_spread_groups(rewards_N: jax.Array, group_size: int) -> jax.Array:
-  """bool [N / G]: True where all G rewards of a group are equal (zero advantage signal).
-
-  Dynamic sampling drops these groups; their fraction is also a useful training metric.
-  """
-  rewards_NG = _grouped(rewards_N, group_size)
-  return rewards_NG.max(axis=1) == rewards_NG.min(axis=1)

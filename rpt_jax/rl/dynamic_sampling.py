@@ -1,24 +1,26 @@
 """Dynamic sampling (DAPO-style, PAPER.md: on from step 500): keep only groups whose G rewards are
 not all equal, and refill the batch with groups from further rollout batches.
 
-Owns `groups_with_spread` (pure numpy) and `DynamicSampler` (host side), which the RL loop calls
-with a lazy iterator of candidate rollout batches: candidates are only generated while the batch
-is not full, and at most `max_tries` of them are consumed.
+`choose_groups` is the whole decision, a pure function of the candidates' rewards: which
+(candidate, group) fills each of the B slots of the train batch, and which slots are inert
+padding. The loop gathers the chosen rows on device (`gather_groups`, one program for any
+choice), so the rollouts never travel through the host.
 
 A group whose rewards are all equal has zero advantage under every estimator ('grpo', 'drgrpo',
 'rloo'), so it adds no policy gradient but still adds tokens to a token-mean denominator (diluting
-the update) and costs compute. If `max_tries` candidates do not yield B groups with spread, the
-batch is PADDED to its static shape with inert groups: copies of dropped (or, if none, kept)
-groups whose completion masks and advantages are zeroed, so they add nothing to the loss, its
-denominator or the gradient (no recompilation, and the update is the mean over the real groups).
-`FillResult.filled` is then False and `num_padded` says how many groups were inert.
+the update) and costs compute. If the candidates do not yield B groups with spread, the batch is
+PADDED to its static shape with inert groups: copies of dropped (or, if none, kept) groups whose
+completion masks and advantages are zeroed, so they add nothing to the loss, its denominator or
+the gradient (no recompilation, and the update is the mean over the real groups).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Iterator
+from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rpt_jax.rl.update import RolloutBatch
@@ -39,157 +41,98 @@ def groups_with_spread(rewards_N: Any, group_size: int) -> np.ndarray:
   return (groups.max(axis=1) > groups.min(axis=1)) & ~np.isnan(groups).any(axis=1)
 
 
-def take_groups(batch: RolloutBatch, groups: np.ndarray, group_size: int) -> RolloutBatch:
-  """The sub-batch of the given context indices (each with its G rows), as numpy arrays."""
-  groups = np.asarray(groups, np.int64)
-  rows = (groups[:, None] * group_size + np.arange(group_size)[None, :]).reshape(-1)
+@dataclasses.dataclass(frozen=True)
+class GroupChoice:
+  """What fills the train batch.
 
-  def pick(value, index):
-    return None if value is None else np.asarray(value)[index]
-
-  return RolloutBatch(
-      prompt_tokens=pick(batch.prompt_tokens, groups),
-      prompt_lengths=pick(batch.prompt_lengths, groups),
-      completion_tokens=pick(batch.completion_tokens, rows),
-      completion_mask=pick(batch.completion_mask, rows),
-      advantages=pick(batch.advantages, rows),
-      old_logprobs=pick(batch.old_logprobs, rows),
-      ref_logprobs=pick(batch.ref_logprobs, rows))
-
-
-def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
-  """Concatenates rollout batches along the batch axis (shapes past axis 0 must agree)."""
-  fields = [f.name for f in dataclasses.fields(RolloutBatch)]
-  out = {}
-  for name in fields:
-    values = [getattr(b, name) for b in batches]
-    if any(v is None for v in values):
-      if not all(v is None for v in values):
-        raise ValueError(f"RolloutBatch.{name} is set in some candidate batches and None in "
-                         "others; produce every candidate the same way.")
-      out[name] = None
-      continue
-    tails = {np.shape(v)[1:] for v in values}
-    if len(tails) > 1:
-      raise ValueError(f"candidate batches disagree on the shape of {name} past the batch axis "
-                       f"({sorted(tails)}); pad prompts and completions to the same static "
-                       "lengths.")
-    out[name] = np.concatenate([np.asarray(v) for v in values], axis=0)
-  return RolloutBatch(**out)
-
-
-@dataclasses.dataclass
-class FillResult:
-  """What `DynamicSampler.fill` assembled.
-
-  batch: B contexts x G rows (numpy); rewards: float [B*G] of those rows (inert padding rows keep
-  the rewards of the group they copy). source: int [B, 2] (candidate index, group index within
-  that candidate) of each output group, so the loop can gather its own per-rollout extras
-  (texts, lengths). padded: bool [B], True for inert padding groups. tries: candidates consumed.
-  num_seen / num_dropped / num_padded: groups looked at / dropped for having no spread / inert.
-  filled: True when all B groups have reward spread (or, inactive, the first candidate had B).
-  Groups with spread found beyond the B-th are discarded.
+  source: int [B, 2], (candidate index, group index within it) of each output group.
+  padded: bool [B], True for inert padding groups (masks and advantages zeroed when gathered).
+  num_seen / num_dropped: groups looked at / without spread (when active).
+  filled: all B groups are real (not padding).
   """
 
-  batch: RolloutBatch
-  rewards: np.ndarray
   source: np.ndarray
   padded: np.ndarray
   tries: int
   num_seen: int
   num_dropped: int
-  num_padded: int
   filled: bool
 
+  @property
+  def is_first_candidate(self) -> bool:
+    """The batch is the first candidate as it is (nothing to gather)."""
+    b = len(self.padded)
+    return bool(np.array_equal(self.source, np.stack([np.zeros(b), np.arange(b)], 1))
+                and not self.padded.any())
+
+  def rows(self, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(contexts_B, rows_R, keep_R) as indices into the candidates stacked along the batch:
+    context c of candidate k is k*B + c, its rows (k*B + c)*G .. +G-1; keep 0 marks padding."""
+    b = len(self.padded)
+    contexts_B = self.source[:, 0] * b + self.source[:, 1]
+    rows_R = (contexts_B[:, None] * group_size + np.arange(group_size)[None, :]).reshape(-1)
+    keep_R = np.repeat(~self.padded, group_size).astype(np.float32)
+    return contexts_B.astype(np.int32), rows_R.astype(np.int32), keep_R
+
   def metrics(self) -> dict[str, float]:
-    seen = max(self.num_seen, 1)
     return {"dynamic_sampling/tries": float(self.tries),
-            "dynamic_sampling/dropped_fraction": self.num_dropped / seen,
-            "dynamic_sampling/padded_groups": float(self.num_padded),
+            "dynamic_sampling/dropped_fraction": self.num_dropped / max(self.num_seen, 1),
+            "dynamic_sampling/padded_groups": float(self.padded.sum()),
             "dynamic_sampling/filled": float(self.filled)}
 
 
-@dataclasses.dataclass(frozen=True)
-class DynamicSampler:
-  """Fills a batch of `batch_contexts` groups that have reward spread.
+def enough_groups(candidate_rewards: Sequence[Any], group_size: int) -> bool:
+  """Whether the candidates so far hold a full batch (as many groups as one candidate) of groups
+  with reward spread: the loop stops drawing candidates then."""
+  if not candidate_rewards:
+    return False
+  b = len(candidate_rewards[0]) // group_size
+  return sum(int(groups_with_spread(r, group_size).sum()) for r in candidate_rewards) >= b
 
-  batch_contexts: B, contexts per train batch. group_size: G. from_step: first step at which
-  filtering is on (PAPER.md: 500; before it `fill` passes the first candidate through).
-  max_tries: most candidate batches consumed per fill (>= 1).
+
+def choose_groups(candidate_rewards: Sequence[Any], group_size: int, *,
+                  active: bool) -> GroupChoice:
+  """The B groups of the train batch from the candidates' rewards (each float [B*G]).
+
+  Inactive: the first candidate as it is. Active: groups with spread in candidate order, the
+  first B of them; missing slots are padding, copying dropped groups in turn (kept ones if none
+  were dropped). Every candidate must hold B groups.
   """
+  if not candidate_rewards:
+    raise ValueError("dynamic sampling got no candidate batch.")
+  g = group_size
+  b = len(candidate_rewards[0]) // g
+  if b < 1:
+    raise ValueError("dynamic sampling got a candidate of 0 contexts.")
+  kept: list[tuple[int, int]] = []
+  dropped: list[tuple[int, int]] = []
+  for k, rewards in enumerate(candidate_rewards if active else candidate_rewards[:1]):
+    rewards = np.asarray(rewards, np.float32)
+    if rewards.shape != (b * g,):
+      raise ValueError(f"candidate {k} has rewards of shape {rewards.shape}; every candidate "
+                       f"holds B={b} contexts x G={g} rows ({b * g},).")
+    spread = groups_with_spread(rewards, g) if active else np.ones(b, bool)
+    for i in range(b):
+      (kept if spread[i] else dropped).append((k, i))
+  tries = len(candidate_rewards) if active else 1
+  kept = kept[:b]
+  pads = dropped or kept
+  source = np.asarray(kept + [pads[i % len(pads)] for i in range(b - len(kept))],
+                      np.int64).reshape(b, 2)
+  padded = np.arange(b) >= len(kept)
+  return GroupChoice(source=source, padded=padded, tries=tries, num_seen=tries * b,
+                     num_dropped=len(dropped), filled=len(kept) == b)
 
-  batch_contexts: int
-  group_size: int
-  from_step: int = 0
-  max_tries: int = 4
 
-  def __post_init__(self):
-    for name in ("batch_contexts", "group_size", "max_tries"):
-      value = getattr(self, name)
-      if int(value) != value or value < 1:
-        raise ValueError(f"DynamicSampler.{name}={value} must be a positive integer.")
-    if self.from_step < 0:
-      raise ValueError(f"DynamicSampler.from_step={self.from_step} must be >= 0.")
-
-  def active(self, step: int) -> bool:
-    return step >= self.from_step
-
-  def fill(self, candidates: Iterable[tuple[RolloutBatch, Any]], step: int) -> FillResult:
-    """Consumes (batch, rewards_N) candidates lazily until B groups with spread are found or
-    `max_tries` candidates were used; see the module docstring for the padding rule."""
-    b, g = self.batch_contexts, self.group_size
-    iterator: Iterator = iter(candidates)
-    kept: list[tuple[int, int]] = []
-    dropped: list[tuple[int, int]] = []
-    seen_batches: list[RolloutBatch] = []
-    seen_rewards: list[np.ndarray] = []
-    tries = 0
-    active = self.active(step)
-    while len(kept) < b and tries < (self.max_tries if active else 1):
-      try:
-        batch, rewards = next(iterator)
-      except StopIteration:
-        break
-      rewards = np.asarray(rewards, np.float32)
-      num_groups = np.shape(batch.prompt_tokens)[0]
-      if rewards.shape != (num_groups * g,):
-        raise ValueError(f"candidate {tries} has rewards of shape {rewards.shape} for "
-                         f"{num_groups} contexts x G={g}; expected ({num_groups * g},).")
-      if not active and num_groups == b:  # Filtering off: the candidate as it is.
-        return FillResult(batch=batch, rewards=rewards, source=np.stack(
-            [np.zeros(b, np.int64), np.arange(b)], axis=1), padded=np.zeros(b, bool), tries=1,
-                          num_seen=b, num_dropped=0, num_padded=0, filled=True)
-      spread = groups_with_spread(rewards, g) if active else np.ones(num_groups, bool)
-      for i in range(num_groups):
-        (kept if spread[i] else dropped).append((tries, i))
-      seen_batches.append(batch)
-      seen_rewards.append(rewards)
-      tries += 1
-    if not seen_batches:
-      raise ValueError("dynamic sampling got no candidate batch; the candidate iterator was "
-                       "empty.")
-    kept = kept[:b]
-    filled = len(kept) == b
-    pads = (dropped or kept)
-    if not pads:
-      raise ValueError("dynamic sampling saw only empty candidate batches (0 contexts).")
-    pad_sources = [pads[i % len(pads)] for i in range(b - len(kept))]
-    source = np.asarray(kept + pad_sources, np.int64).reshape(-1, 2)
-    padded = np.arange(b) >= len(kept)
-
-    parts, rewards_parts = [], []
-    for cand, group in source:
-      parts.append(take_groups(seen_batches[cand], np.array([group]), g))
-      rewards_parts.append(seen_rewards[cand][group * g:(group + 1) * g])
-    batch = concat_batches(parts)
-    if padded.any():
-      rows_padded = np.repeat(padded, g)
-      mask = np.array(batch.completion_mask, copy=True)
-      mask[rows_padded] = 0
-      advantages = np.array(batch.advantages, copy=True)
-      advantages[rows_padded] = 0
-      batch = batch.replace(completion_mask=mask, advantages=advantages)
-    num_seen = sum(np.shape(x.prompt_tokens)[0] for x in seen_batches)
-    return FillResult(batch=batch, rewards=np.concatenate(rewards_parts), source=source,
-                      padded=padded, tries=tries, num_seen=num_seen, num_dropped=len(dropped),
-                      num_padded=int(padded.sum()), filled=filled)
+def gather_groups(candidates: Sequence[RolloutBatch], contexts_B: jax.Array, rows_R: jax.Array,
+                  keep_R: jax.Array) -> RolloutBatch:
+  """The chosen contexts and rows of the candidates stacked along the batch (indices from
+  `GroupChoice.rows`); rows with keep 0 become inert (mask and advantage 0). Traceable: the
+  loop jits it with the batch sharding as output, so rows move between devices on device."""
+  cat = lambda name: jnp.concatenate([getattr(c, name) for c in candidates])  # noqa: E731
+  return RolloutBatch(
+      prompt_tokens=cat("prompt_tokens")[contexts_B],
+      prompt_lengths=cat("prompt_lengths")[contexts_B],
+      completion_tokens=cat("completion_tokens")[rows_R],
+      completion_mask=cat("completion_mask")[rows_R] * keep_R[:, None].astype(jnp.int32),
+      advantages=cat("advantages")[rows_R] * keep_R)

@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from rpt_jax.mesh import ShardingRules
+from rpt_jax.mesh import ShardingRules, as_tuple
 from rpt_jax.registry import Registry
 from rpt_jax.rl.advantages import (ADVANTAGE_ESTIMATORS, group_advantages,  # noqa: F401
-                                   register_advantage_estimator, zero_spread_groups)
+                                   register_advantage_estimator)
 
 # ----------------------------------------------------------------------------------------------
 # Chunked, vocab-parallel log-probs and entropies.
@@ -115,19 +115,13 @@ def _spec_entry(axes: tuple[str, ...]) -> str | tuple[str, ...] | None:
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def _as_tuple(axes) -> tuple[str, ...]:
-  if axes is None:
-    return ()
-  return (axes,) if isinstance(axes, str) else tuple(axes)
-
-
 def _parallel_axes(mesh: Mesh | None, rules: Any,
                    batch_size: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """(vocab mesh axes, batch mesh axes) for the shard_map path; vocab () means no vocab split."""
   rules = ShardingRules.from_config(rules)
-  vocab_axes = tuple(a for a in _as_tuple(rules.mesh_axes("vocab")) if mesh.shape[a] > 1)
+  vocab_axes = tuple(a for a in as_tuple(rules.mesh_axes("vocab")) if mesh.shape[a] > 1)
   batch_axes, size = [], 1
-  for axis in _as_tuple(rules.mesh_axes("batch")):
+  for axis in as_tuple(rules.mesh_axes("batch")):
     # A batch axis that does not divide B (or is taken by vocab) leaves B replicated over it.
     if axis not in vocab_axes and batch_size % (size * mesh.shape[axis]) == 0:
       batch_axes.append(axis)
@@ -204,35 +198,49 @@ def _chunk_stats(h_CD, w_DV, tgt_C, *, temperature, vocab_size, vocab_axes, voca
 # The policy loss.
 # ----------------------------------------------------------------------------------------------
 
-# name -> fn(per_token_BT, mask_BT (fp32), config) -> (loss_sum, denominator).
-Aggregation = Callable[[jax.Array, jax.Array, "LossConfig"], tuple[jax.Array, jax.Array]]
+@dataclasses.dataclass(frozen=True)
+class Aggregation:
+  """How per-token losses become one mean: `loss_sum(per_token_BT, mask_BT, config)` and a
+  `denominator(mask_BT)` that depends on the masks alone, so the global denominator of a batch
+  is known before its micro-batches run."""
+
+  loss_sum: Callable[[jax.Array, jax.Array, "LossConfig"], jax.Array]
+  denominator: Callable[[jax.Array], jax.Array]
+
+
+def _token_count(mask_BT):
+  return mask_BT.sum()
+
+
+def _sequence_count(mask_BT):
+  return (mask_BT.sum(axis=1) > 0).sum().astype(jnp.float32)
+
+
 AGGREGATIONS: Registry[Aggregation] = Registry("aggregation",
                                                "rpt_jax.rl.loss.register_aggregation")
 register_aggregation = AGGREGATIONS.register
 
 
-@register_aggregation("token-mean")
-def _token_mean(per_token_BT, mask_BT, config):
-  """Mean over every valid token of the (global) batch."""
-  del config
-  return per_token_BT.sum(), mask_BT.sum()
+# Mean over every valid token of the (global) batch.
+register_aggregation("token-mean")(Aggregation(
+    loss_sum=lambda per_token_BT, mask_BT, config: per_token_BT.sum(),
+    denominator=_token_count))
+# Mean over sequences of each sequence's token mean (original GRPO).
+register_aggregation("seq-mean-token-mean")(Aggregation(
+    loss_sum=lambda per_token_BT, mask_BT, config: (
+        per_token_BT.sum(axis=1) / jnp.maximum(mask_BT.sum(axis=1), 1.0)).sum(),
+    denominator=_sequence_count))
+# Mean over sequences of token sum / max_response_length (Dr. GRPO: no length bias).
+register_aggregation("seq-mean-token-sum-norm")(Aggregation(
+    loss_sum=lambda per_token_BT, mask_BT, config: (
+        per_token_BT.sum(axis=1) / float(config.max_response_length)).sum(),
+    denominator=_sequence_count))
 
 
-@register_aggregation("seq-mean-token-mean")
-def _seq_mean_token_mean(per_token_BT, mask_BT, config):
-  """Mean over sequences of each sequence's token mean (original GRPO)."""
-  del config
-  n_B = mask_BT.sum(axis=1)
-  seq_B = per_token_BT.sum(axis=1) / jnp.maximum(n_B, 1.0)
-  return seq_B.sum(), (n_B > 0).sum().astype(jnp.float32)
-
-
-@register_aggregation("seq-mean-token-sum-norm")
-def _seq_mean_token_sum_norm(per_token_BT, mask_BT, config):
-  """Mean over sequences of token sum / max_response_length (Dr. GRPO: no length bias)."""
-  n_B = mask_BT.sum(axis=1)
-  seq_B = per_token_BT.sum(axis=1) / float(config.max_response_length)
-  return seq_B.sum(), (n_B > 0).sum().astype(jnp.float32)
+def loss_denominator(mask_BT: jax.Array, config: "LossConfig") -> jax.Array:
+  """fp32 []: what `policy_loss`'s sum is divided by for these masks (tokens or sequences)."""
+  return AGGREGATIONS[config.aggregation].denominator(
+      jnp.asarray(mask_BT).astype(jnp.float32)).astype(jnp.float32)
 
 
 # name -> fn(logp, ref_logp) -> per-token estimate of KL(pi || ref) for tokens sampled from pi.
@@ -356,7 +364,8 @@ def policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, advantages_B: jax.Ar
   if entropy_BT is not None and config.entropy_coef != 0:
     per_token_BT = per_token_BT - config.entropy_coef * entropy_BT.astype(f32)
   per_token_BT = jnp.where(mask_BT, per_token_BT, 0.0)
-  loss_sum, denominator = AGGREGATIONS[config.aggregation](per_token_BT, maskf_BT, config)
+  loss_sum = AGGREGATIONS[config.aggregation].loss_sum(per_token_BT, maskf_BT, config)
+  denominator = loss_denominator(maskf_BT, config)
 
   def tsum(x_BT):  # Sum over valid tokens, no gradient.
     return jax.lax.stop_gradient(jnp.where(mask_BT, x_BT, 0.0).sum())

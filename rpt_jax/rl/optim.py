@@ -66,6 +66,22 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def map_opt_state(optimizer: optax.GradientTransformation, params: Any,
+                  per_param: Callable[[Any, Any], Any], like_params: Any,
+                  other: Callable[[Any], Any]) -> Any:
+  """The optimiser state's tree with every leaf that mirrors a parameter (Adam's mu and nu)
+  replaced by `per_param(leaf, like_params' entry for that parameter)` and every other leaf
+  (step counts, injected hyper-parameters) by `other(leaf)`. `params` may be abstract.
+
+  The one place that knows which optimiser leaves belong to which parameter (optax's own
+  `tree_map_params`): shardings of the optimiser state, and byte counts per device, use it.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return optax.tree_map_params(
+      optimizer, per_param, jax.eval_shape(optimizer.init, params), like_params,
+      transform_non_params=other, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def _key_name(key) -> str | None:
   for attr in ("key", "name"):
     value = getattr(key, attr, None)

@@ -15,7 +15,7 @@ the next token starts with a space.
 from __future__ import annotations
 
 import types
-from typing import Mapping, Protocol
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -113,6 +113,31 @@ def build_prompt_ids(context_text: str, tokenizer: ChatTokenizer,
   """
   return list(tokenizer.encode(tokenizer.apply_chat_template(
       format_prompt(context_text, template))))
+
+
+def fitted_prompt_ids(context_ids: Sequence[int], tokenizer: ChatTokenizer, template: str,
+                      max_tokens: int) -> tuple[list[int], bool]:
+  """(prompt ids, truncated): the prompt of a context, context tokens dropped from its START
+  until the whole prompt fits `max_tokens` (the longest prompt bucket)."""
+  context = list(context_ids)
+  ids = build_prompt_ids(tokenizer.decode(context), tokenizer, template)
+  truncated = False
+  while len(ids) > max_tokens:
+    if not context:
+      raise ValueError(f"prompt template {template!r} alone takes {len(ids)} tokens, more than "
+                       f"the largest prompt bucket {max_tokens}; raise data.prompt_buckets.")
+    # Drop at least the overflow (decode/encode may not be 1:1: loop until it fits).
+    context = context[len(ids) - max_tokens:]
+    ids = build_prompt_ids(tokenizer.decode(context), tokenizer, template)
+    truncated = True
+  return ids, truncated
+
+
+def response_texts(tokenizer, tokens_RN, lengths_R, done_R) -> list[str]:
+  """The text of each sampled response: its `length` tokens, less the stop token that ended it
+  (`done`: the row stopped on a stop id, which is not part of the answer's text)."""
+  return [tokenizer.decode([int(t) for t in row[:max(int(n) - int(bool(d)), 0)]])
+          for row, n, d in zip(tokens_RN, lengths_R, done_R)]
 
 
 def format_response(thought: str, answer: str) -> str:

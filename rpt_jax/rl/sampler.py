@@ -159,6 +159,26 @@ class Sampler:
     return self._prefill_fn(b, l)(params, jnp.asarray(prompt_tokens, jnp.int32),
                                   jnp.asarray(prompt_lengths, jnp.int32))
 
+  def lower(self, contexts: int, prompt_len: int, *, num_samples: int, max_new_tokens: int,
+            temperature: float, top_k: int = 0, top_p: float = 1.0,
+            eos_ids: Sequence[int] = ()) -> dict[str, jax.stages.Lowered]:
+    """{'prefill', 'decode'}: the two programs of one `generate` call on `contexts` prompts of
+    `prompt_len` tokens, lowered from abstract inputs (placed like `generate` places them) for
+    `.compile().memory_analysis()`; nothing is computed. `self.params` may be abstract."""
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    params = self.params
+    if self.mesh is not None:
+      params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            params, self._param_shardings(params))
+    prefill = self._prefill_fn(contexts, prompt_len)
+    logits, cache = jax.eval_shape(prefill, params, i32(contexts, prompt_len), i32(contexts))
+    decode = self._decode_fn(contexts, prompt_len, int(num_samples), int(max_new_tokens),
+                             Sampling(float(temperature), int(top_k), float(top_p)),
+                             tuple(sorted({int(e) for e in eos_ids})) or (0,))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return {"prefill": prefill.lower(params, i32(contexts, prompt_len), i32(contexts)),
+            "decode": decode.lower(params, logits, cache, i32(contexts), i32(), key)}
+
   # ---- programs ------------------------------------------------------------------------------
 
   def _sharding(self, axes, shape) -> NamedSharding | None:

@@ -1,6 +1,6 @@
 """The jitted, sharded RPT parameter update: rollouts in, one optimiser step out.
 
-Owns `TrainState`, `RolloutBatch`, `create_train_state`, `completion_logprobs` (per-token log-probs
+Owns `RolloutBatch`, `completion_logprobs` (per-token log-probs
 and entropies of sampled completions under the current policy) and `make_train_step`.
 
 One step (exactly on-policy GRPO as in the paper: PPO mini-batch == rollout batch):
@@ -41,19 +41,9 @@ from rpt_jax import mesh as mesh_lib
 from rpt_jax.model.transformer import KVCache, Transformer
 from rpt_jax.rl import loss as loss_lib
 from rpt_jax.rl.optim import current_learning_rate
+from rpt_jax.rl.train_state import TrainState, train_state_shardings
 
 Array = jax.Array
-
-
-@flax.struct.dataclass
-class TrainState:
-  """params: nnx.State of the model's nnx.Params; opt_state: the optax state; step: int32 [],
-  the number of train steps ATTEMPTED (skipped non-finite steps included; the optimiser's own
-  count, which drives the learning-rate schedule, only counts applied updates)."""
-
-  params: nnx.State
-  opt_state: Any
-  step: Array
 
 
 @flax.struct.dataclass
@@ -84,89 +74,6 @@ _BATCH_AXES = dict(prompt_tokens=("batch", "length"), prompt_lengths=("batch",),
                    completion_tokens=("batch", "length"), completion_mask=("batch", "length"),
                    advantages=("batch",), old_logprobs=("batch", "length"),
                    ref_logprobs=("batch", "length"))
-
-
-# ----------------------------------------------------------------------------------------------
-# Train state.
-# ----------------------------------------------------------------------------------------------
-
-
-def split_params(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, params) of a model whose only state is nnx.Params; raises otherwise."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  if jax.tree.leaves(rest):
-    raise ValueError("the model holds non-Param state (e.g. batch statistics or RNG counters); "
-                     "the RPT train step only updates nnx.Param variables.")
-  return graphdef, params
-
-
-def _opt_state_shardings(params: nnx.State, param_shardings: Any, abstract_opt_state: Any,
-                         mesh: Mesh) -> Any:
-  """Shardings for an optimiser state: a leaf whose key path ENDS with a parameter's path (Adam's
-  mu/nu, ...) and has that parameter's shape takes its sharding; other leaves are replicated."""
-  shapes = {tuple(path): leaf.shape for path, leaf in
-            jax.tree_util.tree_flatten_with_path(params)[0]}
-  by_path = {tuple(path): s for path, s in
-             jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
-  replicated = NamedSharding(mesh, P())
-
-  def one(path, leaf):
-    path = tuple(path)
-    for start in range(len(path)):
-      suffix = path[start:]
-      if suffix in by_path and shapes[suffix] == leaf.shape:
-        return by_path[suffix]
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
-
-
-def train_state_shardings(params: nnx.State, optimizer: optax.GradientTransformation,
-                          mesh: Mesh, rules: mesh_lib.ShardingRules | None = None) -> TrainState:
-  """A TrainState of NamedShardings: params by their logical axes, the optimiser state like the
-  parameters it mirrors, the step replicated. `params` may be abstract (nnx.eval_shape)."""
-  param_sh = mesh_lib.state_shardings(params, mesh, rules)
-  abstract_opt = jax.eval_shape(optimizer.init, params)
-  return TrainState(params=param_sh,
-                    opt_state=_opt_state_shardings(params, param_sh, abstract_opt, mesh),
-                    step=NamedSharding(mesh, P()))
-
-
-def abstract_train_state(params: nnx.State, optimizer: optax.GradientTransformation,
-                         mesh: Mesh | None = None,
-                         rules: mesh_lib.ShardingRules | None = None) -> TrainState:
-  """ShapeDtypeStructs (with shardings when `mesh` is given) of the TrainState, e.g. for
-  `Checkpointer.restore`."""
-  abstract = TrainState(params=jax.eval_shape(lambda p: p, params),
-                        opt_state=jax.eval_shape(optimizer.init, params),
-                        step=jax.ShapeDtypeStruct((), jnp.int32))
-  if mesh is None:
-    return abstract
-  shardings = train_state_shardings(params, optimizer, mesh, rules)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
-
-
-def create_train_state(model: Transformer, optimizer: optax.GradientTransformation,
-                       mesh: Mesh | None = None,
-                       rules: mesh_lib.ShardingRules | None = None) -> TrainState:
-  """Params of `model` (placed by their logical axes with a mesh), a fresh optimiser state with
-  matching shardings (initialised under jit with those out_shardings), step 0.
-
-  The state holds its OWN copies of the weights (the train step donates them; `model` keeps
-  working). Use `split_params(model)[0]` as the graphdef for `make_train_step`.
-  """
-  _, params = split_params(model)
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
-  if mesh is None:
-    params = jax.jit(copy)(params)
-    return TrainState(params=params, opt_state=optimizer.init(params),
-                      step=jnp.zeros((), jnp.int32))
-  shardings = train_state_shardings(params, optimizer, mesh, rules)
-  params = jax.jit(copy, out_shardings=shardings.params)(params)
-  opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
-  return TrainState(params=params, opt_state=opt_state, step=step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,13 +236,8 @@ class TrainStep:
     Traceable (call under jit); `loss` is the full-batch mean loss, `grads` its gradient.
     """
     cfg = self.config
-    rows, n = batch.completion_tokens.shape
-    mask_RN = jnp.asarray(batch.completion_mask)
-    zeros_RN = jnp.zeros((rows, n), jnp.float32)
-    # The global denominator depends only on the masks: one cheap pass over the whole batch.
-    _, denominator, _ = loss_lib.policy_loss(
-        zeros_RN, zeros_RN, jnp.zeros((rows,), jnp.float32), mask_RN, config=cfg.loss_config,
-        ref_logp_BT=None if batch.ref_logprobs is None else zeros_RN, entropy_BT=zeros_RN)
+    # The global denominator depends only on the masks (tokens or sequences of the whole batch).
+    denominator = loss_lib.loss_denominator(batch.completion_mask, cfg.loss_config)
     num_micro = batch.prompt_tokens.shape[0] // cfg.micro_batch_contexts
     micro = _micro_batches(batch, num_micro, cfg.num_generations)
     micro = jax.tree.map(

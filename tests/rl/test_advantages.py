@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rpt_jax.rl import loss as loss_lib
-from rpt_jax.rl.advantages import ADVANTAGE_ESTIMATORS, group_advantages, zero_spread_groups
+from rpt_jax.rl.advantages import ADVANTAGE_ESTIMATORS, group_advantages
 
 
 def _numpy_advantages(rewards, g, estimator, eps):
@@ -49,12 +49,6 @@ def test_hand_worked_group():
   # Equal rewards carry no signal under every estimator.
   for name in ("grpo", "drgrpo", "rloo"):
     np.testing.assert_array_equal(group_advantages(np.full(4, 0.7, np.float32), 4, name), 0.0)
-
-
-def test_zero_spread_groups():
-  rewards = np.array([1, 1, 1, 0, 0, 0, 1, 0, 0.5, 0.5, 0.5, 0.5], np.float32)
-  np.testing.assert_array_equal(zero_spread_groups(rewards, 3), [True, True, False, True])
-  np.testing.assert_array_equal(zero_spread_groups(rewards, 4), [False, False, True])
 
 
 def test_errors_and_registry():

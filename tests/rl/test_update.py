@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 from rpt_jax import mesh as mesh_lib
 from rpt_jax.model import ModelConfig, Transformer
 from rpt_jax.rl import optim, update
+from rpt_jax.rl import train_state
 from rpt_jax.rl.advantages import group_advantages
 from rpt_jax.rl.loss import LossConfig
 
@@ -26,7 +27,7 @@ LOSS = LossConfig(eps_low=0.2, eps_high=0.28)
 def _model(mesh=None, seed=0):
   """The tiny model with O(1) logits: weights, biases and norm scales randomised."""
   model = Transformer(CFG, rngs=nnx.Rngs(seed), mesh=mesh)
-  graphdef, params = update.split_params(model)
+  graphdef, params = train_state.split_params(model)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
@@ -85,7 +86,7 @@ def _reference_loss(model, batch, noise):
 @pytest.fixture(scope="module")
 def setup():
   model = _model()
-  graphdef, params = update.split_params(model)
+  graphdef, params = train_state.split_params(model)
   batch = _batch()
   noise = np.random.default_rng(1).normal(0, 0.3, (B * G, N)).astype(np.float32)
   (ref_loss, old), ref_grads = nnx.jit(nnx.value_and_grad(
@@ -191,7 +192,7 @@ def one_step(setup):
   opt = optim.make_optimizer(1e-3, eps=1e-3)
   step_fn = update.make_train_step(graphdef, LOSS, opt, num_generations=G, temperature=TAU,
                                    micro_batch_contexts=2, logprob_chunk_size=2)
-  state = update.create_train_state(_model(), opt)
+  state = train_state.create_train_state(_model(), opt)
   before = jax.tree.map(np.asarray, state.params)
   new_state, metrics = step_fn(state, batch)
   return step_fn, opt, before, new_state, metrics
@@ -218,13 +219,13 @@ def test_sharded_train_step_equals_unsharded(setup, one_step):
   _, opt, _, state_ref, metrics_ref = one_step
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2, tensor=2))
   model = _model(mesh=mesh)
-  graphdef, _ = update.split_params(model)
-  state = update.create_train_state(model, opt, mesh=mesh)
+  graphdef, _ = train_state.split_params(model)
+  state = train_state.create_train_state(model, opt, mesh=mesh)
   assert state.params["layers"][0]["mlp"]["gate"].get_value().sharding.spec == P("fsdp", "tensor")
   mu = state.opt_state[1].inner_state[0].mu
   assert mu["lm_head"].get_value().sharding.spec == P("fsdp", "tensor")
   # The abstract state (for checkpoint restore) carries the same shardings.
-  abstract = update.abstract_train_state(update.split_params(model)[1], opt, mesh)
+  abstract = train_state.abstract_train_state(train_state.split_params(model)[1], opt, mesh)
   for a, x in zip(jax.tree.leaves(abstract), jax.tree.leaves(state), strict=True):
     assert a.shape == x.shape and a.sharding.is_equivalent_to(x.sharding, x.ndim)
   step_fn = update.make_train_step(graphdef, LOSS, opt, num_generations=G, temperature=TAU,
@@ -241,7 +242,7 @@ def test_sharded_train_step_equals_unsharded(setup, one_step):
 def test_non_finite_loss_skips_the_update(setup, one_step):
   _, _, batch, _, _ = setup
   step_fn, opt, _, _, _ = one_step
-  state = update.create_train_state(_model(), opt)
+  state = train_state.create_train_state(_model(), opt)
   before = jax.tree.map(np.asarray, (state.params, state.opt_state))
   bad = batch.replace(advantages=np.where(np.arange(B * G) == 2, np.nan,
                                           batch.advantages).astype(np.float32))
@@ -270,9 +271,9 @@ def test_bad_batches_are_refused_before_compiling(setup, one_step):
 def test_a_few_steps_raise_the_reward_on_a_toy_task():
   target, steps, groups, g, n = 7, 20, 4, 8, 4
   model = Transformer(CFG, rngs=nnx.Rngs(3))
-  graphdef, _ = update.split_params(model)
+  graphdef, _ = train_state.split_params(model)
   opt = optim.make_optimizer(1e-2, weight_decay=0.0)
-  state = update.create_train_state(model, opt)
+  state = train_state.create_train_state(model, opt)
   step_fn = update.make_train_step(graphdef, LossConfig(), opt, num_generations=g,
                                    temperature=1.0, micro_batch_contexts=groups)
   prompt = np.tile(np.arange(1, 6, dtype=np.int32), (groups, 1))
@@ -310,7 +311,7 @@ def test_a_few_steps_raise_the_reward_on_a_toy_task():
 
 
 def test_weight_decay_mask_skips_norms_and_biases():
-  _, params = update.split_params(_model())
+  _, params = train_state.split_params(_model())
   mask = optim.weight_decay_mask(params)
   flat = {jax.tree_util.keystr(p): bool(m) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
   no_decay = sorted(k for k, v in flat.items() if not v)

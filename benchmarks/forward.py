@@ -15,6 +15,7 @@ host memory, so 1.0x is the floor).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -109,7 +110,14 @@ def main():
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--no-memory", action="store_true")
+  parser.add_argument("--smoke", action="store_true",
+                      help="a 2-layer toy model and small peak shapes (the test suite's check)")
   args = parser.parse_args()
+  if args.smoke:
+    global CONFIG, PEAK_SHAPES  # pylint: disable=global-statement
+    CONFIG = dataclasses.replace(CONFIG, vocab_size=512, hidden_size=64, intermediate_size=128,
+                                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+    PEAK_SHAPES = ((256, 256, 256),)
 
   print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
         f"{os.cpu_count()} host cores")

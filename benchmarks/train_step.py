@@ -57,6 +57,10 @@ PRESETS = {
     "small": dict(model=dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
                              num_kv_heads=2, head_dim=64, vocab_size=8192),
                   groups=4, generations=8, prompt=128, completion=32, matmul=2048),
+    # Seconds: the test suite's check that the benchmark runs end to end.
+    "smoke": dict(model=dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                             num_kv_heads=2, head_dim=16, vocab_size=512),
+                  groups=2, generations=2, prompt=16, completion=8, matmul=256),
 }
 
 
@@ -119,8 +123,8 @@ def main():
   dev = jax.devices()[0]
   print(f"JAX {jax.__version__} on {dev.device_kind} ({jax.default_backend()}) x"
         f"{jax.device_count()}; {os.cpu_count()} host cores")
-  n = preset["matmul"]
-  peak = matmul_peak(((n, n, n),), args.compute_dtype, iters=10)
+  size = preset["matmul"]  # Not `n`: that is the completion length.
+  peak = matmul_peak(((size, size, size),), args.compute_dtype, iters=10)
   print(f"model: qwen2 {cfg.num_params() / 1e6:.1f}M params, compute {cfg.compute_dtype}, "
         f"remat {cfg.remat}; batch: {b} contexts x G={g}, prompt {lp}, completion {n}, "
         f"micro-batch {micro} contexts, log-prob chunk {args.logprob_chunk}")

@@ -120,6 +120,8 @@ def shared_batch_shards(mesh: Mesh, rules: mesh_lib.ShardingRules) -> int:
 
 
 def hbm_for(device_kind: str, settings: dict[str, Any]) -> int:
+  """Memory per device: `compile_check.hbm_bytes`, the HBM_BYTES table, or for CPU devices this
+  host's RAM shared by its local devices."""
   if settings.get("hbm_bytes"):
     return int(settings["hbm_bytes"])
   if device_kind in HBM_BYTES:
@@ -127,7 +129,9 @@ def hbm_for(device_kind: str, settings: dict[str, Any]) -> int:
   for kind, size in sorted(HBM_BYTES.items(), key=lambda kv: -len(kv[0])):
     if device_kind.startswith(kind):
       return size
-  raise ValueError(f"HBM per device of {device_kind!r} is not in rpt_jax.compile_check.HBM_BYTES; "
+  if device_kind == "cpu":
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+  raise ValueError(f"HBM per device of {device_kind!r} is not in rpt_jax.targets.HBM_BYTES; "
                    "set compile_check.hbm_bytes in the config.")
 
 

@@ -210,3 +210,16 @@ def test_full_v4_128_config():
   assert report["target"]["method"] == "aot"
   for entry in report["programs"].values():
     assert entry["fits"], entry["message"]
+
+
+def test_reports_the_model_the_run_builds(tmp_path):
+  """compile_check counts the parameters of the policy the run itself builds (scratch Qwen2 with
+  its q/k/v biases, vocabulary of the trained tokenizer), not a look-alike."""
+  import micro_run
+  from rpt_jax import pipeline
+  spec = RunSpec.from_config(micro_run.micro_config())
+  built = pipeline.Run(spec, str(tmp_path / "run"), progress=False)
+  built.model  # pylint: disable=pointless-statement  # trains the tokenizer, builds the policy
+  report = compile_check.check_run_config(spec, programs=())
+  assert report["model"]["params"] == built.model_config.num_params()
+  assert built.model_config.attention_bias

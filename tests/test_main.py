@@ -107,6 +107,7 @@ def test_export_loads_in_transformers_with_the_same_logits(finished, config_path
   from rpt_jax.spec import RunSpec
   run = pipeline.Run(RunSpec.from_config(micro_run.micro_config()), workdir, progress=False)
   assert run._load_rpt_params() == STEPS  # pylint: disable=protected-access
+  assert run._trainer is None  # Parameters alone: no trainer, no optimiser state was built.
   tokens = np.random.default_rng(0).integers(0, run.model_config.vocab_size, (2, 24))
   ours = np.asarray(run.model(tokens))
 
@@ -120,3 +121,14 @@ def test_export_loads_in_transformers_with_the_same_logits(finished, config_path
   pretrained = pipeline.Run(RunSpec.from_config(micro_run.micro_config()), workdir,
                             progress=False).model
   assert np.abs(np.asarray(pretrained(tokens)) - ours).max() > 1e-4
+
+
+def test_train_with_fewer_contexts_than_the_micro_batch(tmp_path_factory, config_path):
+  """rl.train_micro_batch (8) above rl.batch_contexts (4) means "the whole batch" for the trainer
+  as for validation: the run trains (it used to validate and then fail at step 0)."""
+  workdir = micro_run.prepared_workdir(tmp_path_factory, "small_batch")
+  micro_run.run_main(config_path, workdir, "--mode=train", "--config.rl.batch_contexts=4",
+                     "--config.rl.rollout_micro_batch=8", "--config.train.steps=1",
+                     num_devices=4)
+  rows = micro_run.train_rows(workdir)
+  assert [r["step"] for r in rows] == [0] and np.isfinite(rows[0]["train/loss"])

@@ -268,3 +268,26 @@ def test_training_lowers_loss_and_learns_the_format(tokenizer, corpus):
   parsed = [prompts.extract_prediction(o) for o in outputs]
   assert sum(p is not None for p in parsed) >= 6, outputs
   assert all(o.startswith(THOUGHT) for o in outputs), outputs
+
+
+def test_weight_decay_spares_norms_and_biases():
+  """Pretraining decays what the RPT optimiser decays: matrices, not norms and not the 2-D
+  [heads, head_dim] q/k/v biases (a rank rule would decay those)."""
+  cfg = ModelConfig(family="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32,
+                    num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, attention_bias=True,
+                    compute_dtype="float32")
+  params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  tx, _ = pt.make_optimizer(_config(weight_decay=0.5, warmup_steps=0, grad_clip_norm=0.0))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)  # zero gradient: only decay moves
+  flat = {jax.tree_util.keystr(p): np.asarray(u) for p, u in
+          jax.tree_util.tree_flatten_with_path(updates)[0]}
+  biases = [k for k in flat if "bias" in k]
+  norms = [k for k in flat if "norm" in k]
+  matrices = [k for k in flat if "kernel" in k or "embed" in k]
+  assert biases and norms and matrices
+  assert any(np.ndim(flat[k]) == 2 for k in biases)  # the case a rank rule gets wrong
+  for k in biases + norms:
+    np.testing.assert_array_equal(flat[k], 0.0, err_msg=k)
+  for k in matrices:
+    assert np.abs(flat[k]).max() > 0, k

@@ -191,3 +191,41 @@ def test_reasoning_example_rejects_unrepresentable_answers(answer):
 def test_reasoning_example_rejects_think_end_in_thought():
   with pytest.raises(ValueError, match="</think>"):
     format_reasoning_example("ctx", "a </think> b", "x")
+
+
+class _ByteTokenizer:
+  """ids are byte values + 10; ids 0..9 are specials (decoded to nothing)."""
+
+  def decode(self, ids):
+    return bytes(i - 10 for i in ids if i >= 10).decode("utf-8", "replace")
+
+
+def test_response_texts_drop_only_the_stop_token_that_ended_a_row():
+  tok = _ByteTokenizer()
+  a, b = [ord(c) + 10 for c in "ab"]
+  tokens = [[a, b, 1, 0], [a, b, 1, 0], [a, b, a, b]]
+  # Row 0 stopped on id 1 (done); row 1 ran out of budget right after sampling id 1 as an
+  # ordinary token under another stop list (not done): its text keeps everything it generated;
+  # row 2 hit the budget.
+  texts = prompts.response_texts(tok, tokens, [3, 3, 4], [True, False, False])
+  assert texts == ["ab", "ab", "abab"]
+  assert prompts.response_texts(tok, [[1, 0]], [1], [True]) == [""]
+
+
+def test_fitted_prompt_ids_drop_context_from_the_start_until_it_fits():
+  class Tok(_ByteTokenizer):
+    def encode(self, text):
+      return [ord(c) + 10 for c in text]
+
+    def apply_chat_template(self, text):
+      return text
+
+  tok = Tok()
+  context = [ord(c) + 10 for c in "0123456789"]
+  full, cut = prompts.fitted_prompt_ids(context, tok, "v0_short", 10 ** 6)
+  assert not cut and tok.decode(full).endswith("0123456789")
+  limit = len(full) - 4
+  ids, cut = prompts.fitted_prompt_ids(context, tok, "v0_short", limit)
+  assert cut and len(ids) <= limit and tok.decode(ids).endswith("456789")
+  with pytest.raises(ValueError, match="raise data.prompt_buckets"):
+    prompts.fitted_prompt_ids(context, tok, "v0_short", 5)

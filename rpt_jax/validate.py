@@ -13,6 +13,7 @@ import os
 
 import ml_collections
 
+from rpt_jax import errors
 from rpt_jax import mesh as mesh_lib
 from rpt_jax.data import filtering
 from rpt_jax.rl import advantages, loss, prompts, reward
@@ -20,7 +21,7 @@ from rpt_jax.rl import advantages, loss, prompts, reward
 MODES = ("all", "prepare", "pretrain", "train", "eval", "export", "compile_check")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config value that cannot work; the message names the field and the fix."""
 
 

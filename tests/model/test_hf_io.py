@@ -95,7 +95,7 @@ def test_load_errors_name_the_problem(hf_models, tmp_path):
   tensors = load_file(missing / "model.safetensors")
   del tensors["model.layers.1.mlp.up_proj.weight"]
   save_file(tensors, missing / "model.safetensors")
-  with pytest.raises(ValueError, match=r"lacks tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
+  with pytest.raises(ValueError, match=r"lack tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
     hf_io.load_hf(missing)
 
   shape = _copy(src, tmp_path / "shape")

@@ -15,6 +15,7 @@ import sys
 LOG_DIR = "logs"
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _FILE_FORMAT = "%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s"
+_log_file: list[str] = []  # set by `setup`
 
 
 def quiet_accelerator_probe() -> None:
@@ -76,7 +77,13 @@ def setup(files_dir: str, process_index: int = 0) -> str:
   absl_logging.set_verbosity(absl_logging.INFO)
   logging.captureWarnings(True)
   logging.getLogger(__name__).info("rpt_jax: %s", " ".join(sys.argv))
+  _log_file[:] = [path]
   return path
+
+
+def log_file() -> str | None:
+  """The run's log file once `setup` has run, else None."""
+  return _log_file[0] if _log_file else None
 
 
 def stage(message: str) -> None:

@@ -61,7 +61,8 @@ def initialize_distributed(config) -> None:
 
 def _user_error_exit(error: BaseException, show_traceback: bool) -> None:
   """Prints `rpt_jax: <one line>` (after the traceback when asked) and exits 2."""
-  logging.error("user error", exc_info=error)  # The log file keeps the traceback.
+  if console.log_file():  # The log file (not the terminal) keeps the traceback.
+    logging.info("user error", exc_info=error)
   if show_traceback:
     import traceback  # pylint: disable=g-import-not-at-top
     traceback.print_exception(error, file=sys.stderr)
@@ -76,12 +77,31 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     error = e
-  # The config file is Python run at parse time: any error in it is the user's (file or override).
   except Exception as e:  # pylint: disable=broad-except
-    error = errors.UserError(f"--config file or --config.* override: {type(e).__name__}: "
-                             f"{errors.one_line(e)}: fix the file or the override.")
+    error = _config_error(e)
   _user_error_exit(error, "--traceback" in argv)
   return []
+
+
+def _config_error(error: Exception) -> errors.UserError:
+  """The config file is Python run while flags are parsed: any error in it is the user's."""
+  text = errors.one_line(error)
+  if isinstance(error, (AttributeError, KeyError)):  # ml_collections: an unknown field
+    text = text.replace("\\n", " ").replace("\\'", "").replace("'", "")
+    return errors.UserError(f"a --config.* override names no config field ({text}): fix its "
+                            "name.")
+  return errors.UserError(f"--config file cannot be loaded ({type(error).__name__}: {text}): "
+                          "fix the file or the path.")
+
+
+def _load_config():
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.get("workdir")  # The file loads on first use.
+    return config
+  except Exception as e:  # pylint: disable=broad-except
+    raise _config_error(e) from e
 
 
 def _hf_off_values(config) -> None:
@@ -122,7 +142,7 @@ def main(argv) -> None:
 def _main(argv) -> None:
   if len(argv) > 1:
     raise errors.UserError(f"unexpected arguments {argv[1:]}: flags are --name=value.")
-  config = _CONFIG.value
+  config = _load_config()
   if config is None:
     raise errors.UserError("--config is required: e.g. --config=configs/local.py.")
   workdir = _WORKDIR.value or config.workdir

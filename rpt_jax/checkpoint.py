@@ -14,8 +14,13 @@ do not depend on how a given Orbax release treats key dtypes.
 Saves are asynchronous (device -> host copy blocks, the file writes run in the background) and
 atomic: Orbax writes into a temporary directory and renames it when every item is complete, so a
 process killed mid-save leaves the previous checkpoint as the latest. `restore_latest` also
-survives checkpoints damaged after the fact (missing or truncated files): it warns and falls back
-to the next older step.
+survives a step provably damaged after the fact (a missing item or metadata file, unparseable
+metadata, a truncated array file): it warns and falls back to the next older step. Any other
+failure to read the newest step (a storage error, a train state of another structure) raises
+`CheckpointRestoreError` at once: falling back then would silently rewind the run.
+
+A run stopped by SIGTERM/preemption (`should_stop` returned True) is remembered for the process
+(`stopped_at`), so `rpt_jax.main` can exit with `rpt_jax.errors.EXIT_PREEMPTED`.
 
 Typical loop:
 
@@ -48,6 +53,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from rpt_jax import errors
+
 log = logging.getLogger(__name__)
 
 TRAIN_STATE_ITEM = "train_state"
@@ -59,8 +66,15 @@ DataState = dict | list | bytes | str | None
 Restored = tuple[int, PyTree, DataState, dict]
 
 
-class CheckpointRestoreError(ValueError):
-  """No checkpoint in the directory could be restored."""
+class CheckpointRestoreError(errors.InputError):
+  """The newest checkpoint cannot be read, and no older one may be used in its place."""
+
+
+# Tensorstore status codes (the first word of its error text) that mean the stored bytes are
+# missing or shorter than their metadata says: the step is damaged, not the storage unreachable.
+_DAMAGE_STATUSES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE")
+_ITEMS = (TRAIN_STATE_ITEM, DATA_ITEM, EXTRA_ITEM)
+_stopped_at: list[int] = []  # The step a Checkpointer of this process stopped at (SIGTERM).
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,41 +318,71 @@ class Checkpointer:
     return step, train_state, _decode_data_state(restored[DATA_ITEM]), restored[EXTRA_ITEM]
 
   def restore_latest(self, abstract_train_state: PyTree) -> Restored | None:
-    """Restores the newest readable checkpoint; None if the directory holds no checkpoint.
+    """Restores the newest checkpoint; None if the directory holds no checkpoint.
 
-    A checkpoint that fails to restore (missing/truncated files) is skipped with a warning and
-    the next older one is tried. Skipped steps are left on disk (never deleted automatically: the
-    failure may be transient); interval saves resume once the run passes the newest of them.
+    A step that is provably damaged (`damage` names what) is skipped with a warning and the next
+    older one is tried. Skipped steps are left on disk; interval saves resume once the run passes
+    the newest of them. Every process lands on the same step.
 
     Raises:
-      CheckpointRestoreError: checkpoints exist but none restores; names the directory and the
-        error of each step.
+      CheckpointRestoreError: the newest readable-looking step failed for another reason (a
+        storage error, a train state of another structure): nothing older is tried, since that
+        would silently rewind the run. Also when every step is damaged.
     """
     self._manager.wait_until_finished()
     self._manager.reload()  # Pick up steps written or removed by an earlier run.
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       return None
-    errors, last_error = [], None
+    skipped = []
     for step in steps:
       try:
-        result = self.restore(step, abstract_train_state)
-        error = None
+        result, error = self.restore(step, abstract_train_state), None
       except Exception as e:  # pylint: disable=broad-except  # Orbax/tensorstore raise many types.
         result, error = None, e
-      # All processes must land on the same step: a shard unreadable on one host fails all.
-      if _all_processes_ok(error is None):
+      damage = self.damage(step, error) if error is not None else None
+      # 0 restored, 1 damaged, 2 failed otherwise; the worst over processes decides for all.
+      outcome = _max_over_processes(0 if error is None else 1 if damage else 2)
+      if outcome == 0:
         return result
-      errors.append(f"step {step}: {_describe(error)}" if error else
-                    f"step {step}: failed on another process")
-      last_error = error or last_error
-      log.warning("Checkpoint step %d in %s could not be restored (%s); trying the previous one.",
-                  step, self.directory, errors[-1])
+      where = f"checkpoint step {step} in {self.directory}"
+      if outcome == 2:
+        cause = _describe(error) if error is not None and not damage else "failed on another process"
+        raise CheckpointRestoreError(
+            f"{where} cannot be read ({cause}) though its files look complete, so no older step "
+            "is restored in its place (that would rewind the run): retry if storage failed; if "
+            "the train state changed shape, restore with the old config.") from error
+      skipped.append(f"step {step}: {damage or 'damaged on another process'}")
+      log.warning("%s is damaged (%s); trying the previous one.", where, skipped[-1])
     raise CheckpointRestoreError(
-        f"None of the checkpoints {sorted(steps)} in {self.directory} could be restored:\n  "
-        + "\n  ".join(errors)
-        + "\nIf the abstract train state no longer matches the saved one, restore with the old "
-        "structure; otherwise move the damaged directory away to start afresh.") from last_error
+        f"every checkpoint {sorted(steps)} in {self.directory} is damaged ({'; '.join(skipped)}):"
+        " move the folder away to start afresh.")
+
+  def damage(self, step: int, error: BaseException | None = None) -> str | None:
+    """What makes `step` provably incomplete or corrupt, or None when it looks whole.
+
+    Checks that the step's metadata and every item folder exist and its JSON files parse; a
+    restore `error` proves damage only when it says a file is missing or shorter than its
+    metadata (FileNotFoundError, JSON that does not parse, tensorstore DATA_LOSS / NOT_FOUND /
+    OUT_OF_RANGE), never for a storage error (any other OSError, UNAVAILABLE, ...).
+    """
+    step_dir = self.directory / str(step)
+    try:
+      json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+      for item in _ITEMS:
+        if not (step_dir / item).is_dir():
+          return f"item {item}/ is missing"
+      json.loads((step_dir / TRAIN_STATE_ITEM / "_METADATA").read_text())
+    except FileNotFoundError as e:
+      return f"{e.filename or e} is missing"
+    except json.JSONDecodeError as e:
+      return f"metadata does not parse ({e.msg})"
+    if isinstance(error, (FileNotFoundError, json.JSONDecodeError)):
+      return _describe(error)
+    if error is not None and not isinstance(error, OSError):
+      if str(error).lstrip().startswith(_DAMAGE_STATUSES):
+        return _describe(error, limit=200)
+    return None
 
   def restore_params(self, abstract_params: PyTree, step: int | None = None
                      ) -> tuple[int, PyTree] | None:
@@ -390,15 +434,24 @@ class Checkpointer:
     Wraps `jax.experimental.multihost_utils.reached_preemption_sync_point`; False where the
     preemption service is not running (single process, CPU). Call it at EVERY step on every host.
     """
-    try:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return bool(multihost_utils.reached_preemption_sync_point(step))
-    except (RuntimeError, AttributeError, ImportError):
-      return False
+    if jax.process_count() == 1 or not jax.config.jax_enable_preemption_service:
+      return False  # Single process: the SIGTERM handler. Service switched off: on purpose.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    # A RuntimeError here is a broken preemption service: it must not read as "no preemption".
+    return bool(multihost_utils.reached_preemption_sync_point(step))
 
   def should_stop(self, step: int) -> bool:
     """True when the loop should save (`force=True`), wait, and exit at this step."""
-    return self._stop_requested.is_set() or self.reached_preemption(step)
+    stop = self._stop_requested.is_set() or self.reached_preemption(step)
+    if stop and not _stopped_at:
+      _stopped_at.append(step)
+    return stop
+
+
+def stopped_at() -> int | None:
+  """The step at which a Checkpointer of this process told its loop to stop on SIGTERM or
+  preemption (None if none did): the run ends with `rpt_jax.errors.EXIT_PREEMPTED`."""
+  return _stopped_at[0] if _stopped_at else None
 
 
 def _describe(error: BaseException, limit: int = 400) -> str:
@@ -407,9 +460,9 @@ def _describe(error: BaseException, limit: int = 400) -> str:
   return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def _all_processes_ok(ok: bool) -> bool:
-  """AND of `ok` over processes (no communication in a single-process run)."""
+def _max_over_processes(value: int) -> int:
+  """The largest `value` over processes (no communication in a single-process run)."""
   if jax.process_count() == 1:
-    return ok
+    return value
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import os
 
+from rpt_jax import errors
+
 GCS_PREFIX = "gs://"
 MOUNT_ROOT_ENV = "RPT_GCS_MOUNT_ROOT"
 # Config fields naming files a run reads, mapped through the bucket mounts (`localize_inputs`).
 INPUT_FIELDS = ("model.hf_path", "tokenizer.path", "data.proxy_hf_path", "data.source.path")
 
 
-class NotMountedError(ValueError):
+class NotMountedError(errors.InputError):
   """A gs:// path whose bucket has no gcsfuse mount on this machine."""
 
 

@@ -55,6 +55,8 @@ import jinja2.sandbox
 import sentencepiece as spm
 import tokenizers
 
+from rpt_jax.errors import InputError, MissingInputError, one_line
+
 USER_MARKER = "<|user|>"
 ASSISTANT_MARKER = "<|assistant|>"
 THINK_OPEN = "<think>\n"
@@ -147,7 +149,7 @@ class Tokenizer:
       if joined == b" " + data and pieces[0][:1] == b" ":
         skip = 1  # a dummy-prefix space the tokenizer added: not part of the input
       else:
-        raise ValueError(self._mismatch_message(data, joined))
+        raise InputError(self._mismatch_message(data, joined))
     spans = []
     pos = 0
     for k, piece in enumerate(pieces):
@@ -226,7 +228,7 @@ class SentencePieceTokenizer(Tokenizer):
     self.vocab_size = self._sp.get_piece_size()
     self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
     if self._sp.eos_id() < 0:
-      raise ValueError(f"SentencePiece model {name} has no eos id; retrain it with eos_id set "
+      raise InputError(f"SentencePiece model {name} has no eos id; retrain it with eos_id set "
                        "(train_sentencepiece does).")
     self.eos_id = self._sp.eos_id()
     self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
@@ -252,7 +254,7 @@ class SentencePieceTokenizer(Tokenizer):
     elif self._sp.is_control(token_id):
       out = b""
     elif self._sp.is_unknown(token_id):
-      raise ValueError(
+      raise InputError(
           f"tokenizer {self.name}: the text holds characters outside the vocabulary (token "
           f"{piece!r}, id {token_id}) and the model has no byte fallback, so their bytes are lost; "
           "retrain with byte_fallback=True (train_sentencepiece does).")
@@ -284,7 +286,8 @@ class HFTokenizer(Tokenizer):
     try:
       self._tok = tokenizers.Tokenizer.from_file(tokenizer_file)
     except Exception as e:  # the Rust error names the JSON problem
-      raise ValueError(f"{tokenizer_file} is not a valid HF tokenizer.json: {e}") from e
+      raise InputError(f"tokenizer file {tokenizer_file!r} is not a valid HF tokenizer.json "
+                       f"({one_line(e)}): replace it with the model's own.") from e
     self._tok.no_truncation()  # a tokenizer.json may carry truncation/padding settings
     self._tok.no_padding()
     spec = json.loads(self._tok.to_str())
@@ -315,7 +318,7 @@ class HFTokenizer(Tokenizer):
       guesses = [self._tok.token_to_id(t) for t in _EOS_GUESSES]
       eos_id = next((i for i in [*gen_eos, *guesses] if i is not None), None)
     if eos_id is None:
-      raise ValueError(f"tokenizer {tokenizer_file}: no eos token: set 'eos_token' in "
+      raise InputError(f"tokenizer {tokenizer_file}: no eos token: set 'eos_token' in "
                        "tokenizer_config.json next to it.")
     self.eos_id = eos_id
     pad_id = self._required_id("pad_token")
@@ -332,7 +335,7 @@ class HFTokenizer(Tokenizer):
       return None
     token_id = self._tok.token_to_id(content)
     if token_id is None:
-      raise ValueError(f"tokenizer {self.name}: {key} {content!r} from tokenizer_config.json is "
+      raise InputError(f"tokenizer {self.name}: {key} {content!r} from tokenizer_config.json is "
                        "not in the vocabulary; fix the config or the tokenizer.json.")
     return token_id
 
@@ -353,13 +356,13 @@ class HFTokenizer(Tokenizer):
       try:
         out = bytes(_BYTE_LEVEL_TO_BYTE[c] for c in token)
       except KeyError as e:
-        raise ValueError(f"tokenizer {self.name}: token {token!r} (id {token_id}) is not a "
+        raise InputError(f"tokenizer {self.name}: token {token!r} (id {token_id}) is not a "
                          "byte-level token, so its bytes are unknown.") from e
     elif self._scheme == "metaspace":
       match = _BYTE_PIECE.fullmatch(token)
       out = bytes([int(match.group(1), 16)]) if match else token.replace("▁", " ").encode()
     else:
-      raise ValueError(
+      raise InputError(
           f"tokenizer {self.name}: token bytes are only known for byte-level BPE (GPT-2/Qwen/"
           "Llama 3) and SentencePiece-style (Metaspace/byte-fallback) tokenizers; this one is "
           f"neither (model {self._tok.model.__class__.__name__}).")
@@ -405,7 +408,8 @@ def _read_json(path: str) -> dict[str, Any]:
     try:
       return json.load(f)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON: {e}") from e
+      raise InputError(f"tokenizer file {path!r} is not valid JSON ({e.msg}, line {e.lineno}): "
+                       "replace it with the model's own.") from e
 
 
 def _load_hf(tokenizer_file: str) -> HFTokenizer:
@@ -434,24 +438,29 @@ def load_tokenizer(path: str) -> Tokenizer:
   """
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"tokenizer path {path!r} does not exist; expected a SentencePiece "
-                            ".model file or an HF tokenizer directory holding tokenizer.json.")
+    raise MissingInputError(f"tokenizer path {path!r} (tokenizer.path, else model.hf_path) does "
+                            "not exist: give a SentencePiece .model file or an HF tokenizer "
+                            "folder holding tokenizer.json.")
   if os.path.isdir(path):
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
       return _load_hf(os.path.join(path, "tokenizer.json"))
-    raise ValueError(f"tokenizer directory {path!r} holds no tokenizer.json; expected an HF "
-                     "tokenizer directory (or pass a SentencePiece .model file itself).")
+    raise InputError(f"tokenizer folder {path!r} (tokenizer.path, else model.hf_path) holds no "
+                     "tokenizer.json: give an HF tokenizer folder or a SentencePiece .model "
+                     "file.")
   if path.endswith(".model"):
     with open(path, "rb") as f:
       proto = f.read()
     try:
       return SentencePieceTokenizer(proto, path)
     except RuntimeError as e:
-      raise ValueError(f"{path!r} is not a valid SentencePiece model: {e}") from e
+      raise InputError(f"tokenizer file {path!r} (tokenizer.path) is not a valid SentencePiece "
+                       f"model ({one_line(e)}): give the .model file it was trained "
+                       "as.") from e
   if path.endswith(".json"):
     return _load_hf(path)
-  raise ValueError(f"tokenizer path {path!r} is not a SentencePiece .model file, a tokenizer.json "
-                   "file or a directory holding tokenizer.json.")
+  raise InputError(f"tokenizer path {path!r} (tokenizer.path) is not a SentencePiece .model "
+                   "file, a tokenizer.json file or a folder holding tokenizer.json: point it at "
+                   "one of those.")
 
 
 def _training_sentences(texts: Iterable[str]) -> Iterator[str]:
@@ -481,15 +490,15 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str, *,
   """
   path = os.fspath(path)
   if not path.endswith(".model"):
-    raise ValueError(f"SentencePiece model path {path!r} must end in '.model' so that "
+    raise InputError(f"SentencePiece model path {path!r} must end in '.model' so that "
                      "load_tokenizer recognises it.")
   minimum = 256 + len(SP_SPECIAL_IDS) + len(SP_USER_DEFINED_SYMBOLS) + 1
   if vocab_size < minimum:
-    raise ValueError(f"vocab_size={vocab_size} is too small for a byte-fallback SentencePiece "
+    raise InputError(f"vocab_size={vocab_size} is too small for a byte-fallback SentencePiece "
                      f"model: use at least {minimum} (256 byte pieces, specials and markers).")
   sentences = [s for s in _training_sentences(texts) if s]
   if not sentences:
-    raise ValueError("train_sentencepiece got no text to train on.")
+    raise InputError("train_sentencepiece got no text to train on.")
   model = io.BytesIO()
   spm.set_random_generator_seed(0)  # unigram seeding and sampling use SentencePiece's global RNG
   try:
@@ -502,7 +511,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str, *,
         input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, minloglevel=2,
         **SP_SPECIAL_IDS)
   except RuntimeError as e:
-    raise ValueError(f"SentencePiece training failed (vocab_size={vocab_size}, "
+    raise InputError(f"SentencePiece training failed (vocab_size={vocab_size}, "
                      f"{len(sentences)} sentences): {e}") from e
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "wb") as f:
@@ -513,7 +522,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str, *,
 def check_vocab_fits(tokenizer: Tokenizer, model_vocab_size: int) -> None:
   """Raises ValueError when the tokenizer's ids do not all index the model's embedding rows."""
   if tokenizer.vocab_size > model_vocab_size:
-    raise ValueError(
+    raise InputError(
         f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids (max id "
         f"{tokenizer.vocab_size - 1}) but the model's embedding has only {model_vocab_size} rows; "
         "use the tokenizer the model was trained with, or a model config with vocab_size >= "

@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 import os
 
+from rpt_jax import errors
 from rpt_jax import mesh as mesh_lib
 
 MODES = ("all", "prepare", "pretrain", "train", "eval", "export", "compile_check")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config value that cannot work; the message names the field and the fix."""
 
 

@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Mapping
 
+from rpt_jax.errors import InputError, MissingInputError
+
 SUPPORTED_FAMILIES = ("qwen2", "llama", "qwen3", "mistral")
 _ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
                   "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -108,14 +110,19 @@ class ModelConfig:
       path = os.fspath(path_or_dict)
       file = os.path.join(path, "config.json") if os.path.isdir(path) else path
       if not os.path.isfile(file):
-        raise FileNotFoundError(f"no config.json at {path!r}: point to a Hugging Face model "
-                                "directory (config.json + *.safetensors) or its config.json.")
+        raise MissingInputError(f"no config.json at {path!r} (model.hf_path): point it at a "
+                                "Hugging Face model folder (config.json + *.safetensors).")
       with open(file) as f:
-        hf = json.load(f)
+        try:
+          hf = json.load(f)
+        except json.JSONDecodeError as e:
+          raise InputError(f"model config {file!r} is not valid JSON ({e.msg}, line "
+                           f"{e.lineno}): copy it again from the original checkpoint.") from e
     family = hf.get("model_type")
     if family not in SUPPORTED_FAMILIES:
-      raise ValueError(f"model_type {family!r} is not supported; supported model types are "
-                       f"{SUPPORTED_FAMILIES}.")
+      where = "" if isinstance(path_or_dict, Mapping) else f" in {file!r}"
+      raise InputError(f"model_type {family!r}{where} is not supported: use a checkpoint of "
+                       f"one of {SUPPORTED_FAMILIES}.")
     if hf.get("hidden_act", "silu") != "silu":
       raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; only 'silu' (SwiGLU).")
     if hf.get("mlp_bias"):

@@ -7,6 +7,10 @@ sharding from its logical axes, then reads the checkpoint tensor by tensor and s
 file is mapped only while that tensor loads, so host memory stays near one copy of the weights.
 `save_hf` writes config.json plus (sharded) safetensors with an index, in HF's [out, in] layout,
 which `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+Every weight file is checked as it is opened (a safetensors header that parses and covers the
+file), and every tensor against the config (present, a floating dtype, the implied shape); a
+failed check is an `rpt_jax.errors.InputError` naming the file (and tensor) and the fix.
 """
 
 from __future__ import annotations
@@ -23,16 +27,28 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from rpt_jax import mesh as mesh_lib
+from rpt_jax.errors import InputError, MissingInputError
 from rpt_jax.model.config import ModelConfig
 from rpt_jax.model.transformer import Transformer
 
 _INDEX = "model.safetensors.index.json"
 # Tensors some checkpoints carry that we recompute or do not use.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of what a weight may be
+
+
+def _open(file: str):
+  """`safe_open` of a weight file; a damaged or foreign file is an InputError naming it."""
+  try:
+    return safe_open(file, framework="numpy")
+  except (SafetensorError, OSError) as e:
+    raise InputError(f"weight file {file!r} is not a readable safetensors file ({e}): copy it "
+                     "again from the original checkpoint (a download may have been cut "
+                     "short).") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,21 +141,26 @@ def _weight_map(path: str) -> dict[str, str]:
   index_file = os.path.join(path, _INDEX)
   if os.path.isfile(index_file):
     with open(index_file) as f:
-      weight_map = json.load(f)["weight_map"]
+      try:
+        weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"weight index {index_file!r} is not a safetensors index (no "
+                         f"'weight_map': {e}): copy it again from the original checkpoint.") from e
     missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(path, f))})
     if missing:
-      raise FileNotFoundError(f"{index_file} lists files that are not in {path!r}: {missing}; "
-                              "copy the complete checkpoint.")
+      raise MissingInputError(f"weight index {index_file!r} lists files that are not in "
+                              f"{path!r} ({missing}): copy the complete checkpoint.")
     return {name: os.path.join(path, f) for name, f in weight_map.items()}
   files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
   if not files:
     other = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
     hint = (f" Found {other}: convert them to safetensors first (pickle files are never loaded)."
             if other else "")
-    raise FileNotFoundError(f"no *.safetensors weights in {path!r}.{hint}")
+    raise MissingInputError(f"model folder {path!r} (model.hf_path) holds no *.safetensors "
+                            f"weights: copy the checkpoint's weights there.{hint}")
   weight_map = {}
   for file in files:
-    with safe_open(file, framework="numpy") as f:
+    with _open(file) as f:
       weight_map.update({name: file for name in f.keys()})
   return weight_map
 
@@ -155,7 +176,8 @@ def load_hf(path: str | os.PathLike, *, mesh: Mesh | None = None,
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"model directory {path!r} does not exist.")
+    raise MissingInputError(f"model folder {path!r} (model.hf_path) does not exist: point it at "
+                            "a Hugging Face checkpoint folder (config.json + *.safetensors).")
   if dtype is not None:
     config_overrides["param_dtype"] = dtype
   config = ModelConfig.from_hf(path, **config_overrides)
@@ -165,9 +187,9 @@ def load_hf(path: str | os.PathLike, *, mesh: Mesh | None = None,
   entries = list(_entries(model))
   missing = [e.hf_name for e in entries if e.hf_name not in weight_map]
   if missing:
-    raise ValueError(f"checkpoint {path!r} lacks tensor(s) {missing[:5]}"
+    raise InputError(f"weights in {path!r} lack tensor(s) {missing[:5]}"
                      f"{' ...' if len(missing) > 5 else ''} that a {config.family} model with "
-                     "this config.json needs; the weights do not match the config.")
+                     "its config.json needs: use the config.json that came with the weights.")
   unused = sorted(set(weight_map) - {e.hf_name for e in entries} - {"lm_head.weight"})
   unused = [n for n in unused if not n.endswith(_IGNORED_SUFFIXES)]
   if unused:
@@ -182,12 +204,19 @@ def load_hf(path: str | os.PathLike, *, mesh: Mesh | None = None,
     sharding = (rules.sharding(mesh, mesh_lib.variable_logical_axes(entry.variable), shape)
                 if mesh is not None else SingleDeviceSharding(jax.devices()[0]))
     # Opened per tensor so its mapped pages are released before the next one.
-    with safe_open(weight_map[entry.hf_name], framework="numpy") as f:
+    file = weight_map[entry.hf_name]
+    with _open(file) as f:
       hf_slice = f.get_slice(entry.hf_name)
       hf_shape, want = tuple(hf_slice.get_shape()), _hf_shape(entry.kind, shape)
       if hf_shape != want:
-        raise ValueError(f"tensor {entry.hf_name!r} has shape {hf_shape} in the checkpoint but "
-                         f"the config implies {want}; the weights do not match config.json.")
+        raise InputError(f"weight file {file!r}: tensor {entry.hf_name!r} has shape {hf_shape} "
+                         f"but config.json implies {want}: use the config.json that came with "
+                         "the weights.")
+      if hf_slice.get_dtype() not in _FLOAT_DTYPES:
+        raise InputError(f"weight file {file!r}: tensor {entry.hf_name!r} is "
+                         f"{hf_slice.get_dtype()}, not a float ({'/'.join(_FLOAT_DTYPES)}): "
+                         "quantised or foreign weights cannot be loaded; use the float "
+                         "checkpoint.")
 
       def read(index, hf_slice=hf_slice, kind=entry.kind, shape=shape):
         index = (slice(None),) * len(shape) if index is None else index

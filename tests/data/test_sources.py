@@ -3,9 +3,11 @@
 import json
 import re
 
+import numpy as np
 import pytest
 
-from rpt_jax.data import synthetic
+from rpt_jax import errors
+from rpt_jax.data import sources, synthetic
 from rpt_jax.data.sources import SourceConfig, SourceStats, iter_documents
 
 
@@ -67,10 +69,60 @@ def test_missing_and_empty_corpora_raise_clearly(tmp_path):
   (tmp_path / "e.txt").write_text("\n \n")
   with pytest.raises(ValueError, match="has no non-empty documents"):
     docs(kind="text", path=str(tmp_path))
-  with pytest.raises(ValueError, match="needs `path`"):
+  with pytest.raises(ValueError, match="data.source.path is empty"):
     SourceConfig(kind="jsonl")
-  with pytest.raises(ValueError, match="source kind 'csv' is unknown"):
+  with pytest.raises(ValueError, match="data.source.kind 'csv' is unknown"):
     SourceConfig(kind="csv", path="x")
+
+
+def test_every_corpus_error_is_a_user_error_naming_the_file(tmp_path):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"text": "fine"}\n{"text": broken\n')
+  with pytest.raises(errors.InputError, match=re.escape(f"{bad}:2 is not valid JSON")):
+    docs(kind="jsonl", path=str(bad))
+  corrupt = tmp_path / "c.parquet"
+  corrupt.write_bytes(b"PAR1 this is not parquet at all")
+  with pytest.raises(errors.InputError, match=re.escape(f"{str(corrupt)!r} is not a readable "
+                                                        "Parquet file")):
+    docs(kind="parquet", path=str(corrupt))
+  with pytest.raises(errors.MissingInputError, match="data.source.path"):
+    docs(kind="text", path=str(tmp_path / "nowhere"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(errors.InputError, match="holds no .txt files"):
+    docs(kind="text", path=str(tmp_path / "empty"))
+
+
+def _reference_split(text: str, max_chars: int) -> list[str]:
+  """By hand: greedy paragraphs (each ends after its blank-line run), none longer than max."""
+  paragraphs = re.findall(r".*?(?:\n[ \t]*\n\s*|$)", text, flags=re.S)
+  pieces, current = [], ""
+  for p in (p for p in paragraphs if p):
+    assert len(p) <= max_chars  # this reference only packs whole paragraphs
+    if len(current) + len(p) > max_chars:
+      pieces.append(current)
+      current = ""
+    current += p
+  return pieces + [current] if current else pieces
+
+
+def test_long_documents_are_cut_at_paragraphs_into_bounded_pieces(tmp_path):
+  rng = np.random.default_rng(0)
+  words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+  paragraphs = [" ".join(rng.choice(words, size=rng.integers(5, 60))) + "\n"
+                for _ in range(200)]
+  text = "\n".join(paragraphs)  # paragraphs separated by one blank line
+  (tmp_path / "book.txt").write_text(text)
+  got = docs(kind="text", path=str(tmp_path), max_document_chars=1000)
+  assert "".join(got) == text
+  assert all(len(d) <= 1000 for d in got) and len(got) >= len(text) // 1000
+  assert got == _reference_split(text, 1000)
+  # No cut at all: one document per file.
+  assert docs(kind="text", path=str(tmp_path), max_document_chars=None) == [text]
+  # A line longer than the limit is cut between words, a word longer than it anywhere.
+  long_line = "word " * 50 + "x" * 70
+  pieces = list(sources.split_document(long_line, 32))
+  assert "".join(pieces) == long_line and all(len(p) <= 32 for p in pieces)
+  assert all(p.endswith(" ") for p in pieces[:-3])  # between words while there are words
 
 
 def _tiny_tfds_builder():

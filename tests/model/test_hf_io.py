@@ -11,6 +11,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from rpt_jax import errors
 from rpt_jax import mesh as mesh_lib
 from rpt_jax.model import hf_io
 
@@ -94,22 +95,38 @@ def test_load_errors_name_the_problem(hf_models, tmp_path):
   tensors = load_file(missing / "model.safetensors")
   del tensors["model.layers.1.mlp.up_proj.weight"]
   save_file(tensors, missing / "model.safetensors")
-  with pytest.raises(ValueError, match=r"lacks tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
+  with pytest.raises(ValueError, match=r"lack tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
     hf_io.load_hf(missing)
 
   shape = _copy(src, tmp_path / "shape")
   config = json.loads((shape / "config.json").read_text())
   config["intermediate_size"] = 96
   (shape / "config.json").write_text(json.dumps(config))
-  with pytest.raises(ValueError, match=r"has shape \(128, 64\) in the checkpoint but the config "
-                                       r"implies \(96, 64\)"):
+  with pytest.raises(ValueError, match=r"has shape \(128, 64\) but config.json implies "
+                                       r"\(96, 64\)"):
     hf_io.load_hf(shape)
+
+  # A download cut short: the header no longer covers the file; the file is named.
+  truncated = _copy(src, tmp_path / "truncated")
+  data = (truncated / "model.safetensors").read_bytes()
+  (truncated / "model.safetensors").write_bytes(data[:len(data) // 2])
+  with pytest.raises(errors.InputError, match=r"weight file .*truncated/model.safetensors' is "
+                                              r"not a readable safetensors file"):
+    hf_io.load_hf(truncated)
+
+  integer = _copy(src, tmp_path / "integer")
+  tensors = load_file(integer / "model.safetensors")
+  tensors["model.norm.weight"] = tensors["model.norm.weight"].astype(np.int32)
+  save_file(tensors, integer / "model.safetensors")
+  with pytest.raises(errors.InputError, match=r"tensor 'model.norm.weight' is I32, not a float"):
+    hf_io.load_hf(integer)
 
   family = _copy(src, tmp_path / "family")
   config = json.loads((family / "config.json").read_text())
   config["model_type"] = "gemma"
   (family / "config.json").write_text(json.dumps(config))
-  with pytest.raises(ValueError, match="model_type 'gemma' is not supported"):
+  with pytest.raises(errors.InputError,
+                     match=r"model_type 'gemma' in '.*family/config.json' is not supported"):
     hf_io.load_hf(family)
 
   index = _copy(src, tmp_path / "index")

@@ -81,7 +81,7 @@ BAD = [
     (dict(data__source__kind="jsonl", data__source__path="/nonexistent/c.jsonl"),
      "data.source.path='/nonexistent/c.jsonl'"),
     (dict(data__source__kind="text", data__source__path=""),
-     "data.source: source kind 'text' needs `path`"),
+     "data.source.path is empty"),
 ]
 
 
@@ -132,7 +132,7 @@ def _main(tmp_path, *flags: str) -> subprocess.CompletedProcess:
 def test_main_rejects_a_bad_override_before_building_anything(tmp_path):
   proc = _main(tmp_path, "--config.rl.num_generations=1")
   assert proc.returncode != 0
-  assert "rpt_jax: config error: rl.num_generations=1" in proc.stderr
+  assert "rpt_jax: rl.num_generations=1" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "run").exists()  # no tokenizer, no checkpoint: nothing was built
 

@@ -158,18 +158,18 @@ def _main(argv) -> None:
     report = compile_check.check_run_config(spec_lib.RunSpec.from_config(config))
     print(json.dumps(report, indent=2, default=str))
     return
+  config = run_dir.localize_inputs(config)  # gs:// inputs through their bucket's gcsfuse mount
+  spec = spec_lib.RunSpec.from_config(config)  # Every config value checked before any file.
   check_workdir(workdir)
   initialize_distributed(config)
   console.setup(run_dir.files_dir(workdir), jax.process_index())
-  _run(config, workdir, _MODE.value)
+  _run(spec, workdir, _MODE.value)
   from rpt_jax import checkpoint  # pylint: disable=g-import-not-at-top
   if checkpoint.stopped_at() is not None:  # The trainer saved and returned early on SIGTERM.
     raise errors.Preempted(checkpoint.stopped_at())
 
 
-def _run(config, workdir: str, mode: str) -> None:
-  config = run_dir.localize_inputs(config)  # gs:// inputs through their bucket's gcsfuse mount
-  spec = spec_lib.RunSpec.from_config(config)
+def _run(spec: spec_lib.RunSpec, workdir: str, mode: str) -> None:
   validate.validate_run(spec, mode=mode, num_devices=jax.device_count(),
                         num_processes=jax.process_count())
   from rpt_jax import pipeline  # After validation: imports the heavy machinery.

@@ -146,4 +146,4 @@ def test_main_checks_the_model_positions_before_initialising_it(tmp_path):
   assert proc.returncode != 0
   assert "exceeds the model's max_position_embeddings=512" in proc.stderr
   assert "Traceback" not in proc.stderr
-  assert sorted(os.listdir(tmp_path / "run")) == ["tokenizer"]
+  assert sorted(os.listdir(tmp_path / "run")) == ["logs", "tokenizer"]  # logs: the run log

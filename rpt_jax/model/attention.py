@@ -1,0 +1,449 @@
+"""Attention by name: softmax(q k^T / sqrt(Dh)) v for grouped-query heads, one function per way.
+
+`attend(q, k, v, mask, implementation)` with `implementation` (the run config's
+`model.attention`) one of:
+  xla      dense scores [B, N, L, S] in float32, as XLA fuses them (XLA:CPU gets row chunks and a
+           multiply-reduce decode step); memory quadratic in the length.
+  chunked  pure JAX, an online softmax over key blocks with a hand-written backward pass
+           (FlashAttention-2's recurrences): memory linear in the length on every platform, and
+           key blocks past each row's live length are never read.
+  splash   the TPU Pallas kernel (`jax.experimental.pallas.ops.tpu.splash_attention`), padding
+           as segment ids; runs in interpret mode on CPU (tests).
+  cudnn    cuDNN flash attention (`jax.nn.dot_product_attention(implementation='cudnn')`), bf16.
+  auto     per platform: tpu -> splash, gpu -> cudnn (bf16/fp16, head_dim % 8 == 0) else chunked,
+           cpu -> xla (measured faster than chunked at the CPU config's lengths:
+           `benchmarks/attention.py`).
+Decode steps (one query per row against a KV cache) take the `chunked` path under every name but
+`xla`: its loop bound is the live length, so a step costs what the rows have generated so far,
+not the cache's capacity.
+
+Which keys a query reads is a `Mask` of positions, never a dense [L, S] array (that alone would
+be quadratic): key s is readable by query l iff kv_valid[b, s] and kv_positions[b, s] <=
+q_positions[b, l]. Rows with no readable key (padding queries) get finite, unspecified outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from typing import Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from rpt_jax import mesh as mesh_lib
+
+Array = jax.Array
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "splash", "cudnn")
+# Finite "minus infinity": a row with every key masked (a padding query) gets a uniform softmax
+# instead of NaN, which would otherwise leak into gradients.
+_MASKED = -1e30
+# Keys per block of the online softmax; scores live as [B, KVH, G, L, block] fp32 per step.
+KEY_BLOCK = 512
+# The platform the attention code is traced for; None: this process's default backend.
+_TRACE_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "rpt_jax_trace_platform", default=None)
+
+
+@contextlib.contextmanager
+def tracing_for_platform(platform: str) -> Iterator[None]:
+  """Traces model code for `platform` ('cpu', 'tpu', 'gpu') instead of the default backend.
+
+  `auto` (and XLA:CPU's row chunks) pick by platform; a program compiled ahead of time for a
+  TPU from a CPU host (`rpt_jax.compile_check`) must be traced as the TPU will run it, or its
+  memory figures are those of the CPU formulation. JAX caches traces by function and argument
+  shapes, not by this setting: trace functions made inside the block.
+  """
+  token = _TRACE_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TRACE_PLATFORM.reset(token)
+
+
+def trace_platform() -> str:
+  """The platform model code is being traced for (see `tracing_for_platform`)."""
+  return _TRACE_PLATFORM.get() or jax.default_backend()
+
+
+class Mask(NamedTuple):
+  """Which keys each query reads, from positions: [B, L] queries, [B, S] keys.
+
+  Contract of both layouts: the real tokens of a row have increasing positions along the row
+  (the splash and cudnn kernels mask by index order, which then equals position order).
+  """
+
+  q_positions_BL: Array
+  kv_positions_BS: Array
+  kv_valid_BS: Array
+  in_cache: bool = False  # keys are KV-cache slots: kv_positions == slot index, all valid
+
+  @classmethod
+  def causal(cls, positions_BL: Array, valid_BL: Array) -> "Mask":
+    """Self-attention over the same L tokens: causal on positions, never onto padding keys."""
+    return cls(positions_BL, positions_BL, valid_BL.astype(bool))
+
+  @classmethod
+  def cache(cls, positions_BL: Array, slots: int) -> "Mask":
+    """Queries reading a KV cache whose slot s holds position s: every slot <= the position.
+    The queries of a row must have consecutive positions (a decode step, a prefill, or G
+    completions after a shared context)."""
+    b = positions_BL.shape[0]
+    slots_BS = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
+    return cls(positions_BL, slots_BS, jnp.ones((b, slots), bool), in_cache=True)
+
+  def dense(self) -> Array:
+    """allowed_BLS: bool [B, L, S] (quadratic: the xla path and tests only)."""
+    return (self.kv_valid_BS[:, None, :]
+            & (self.kv_positions_BS[:, None, :] <= self.q_positions_BL[:, :, None]))
+
+  def live_lengths(self) -> Array:
+    """live_B: int32 [B], 1 + the last key index any query of the row may read (0: none).
+
+    Keys from live_B on are never read, so a loop over key blocks stops there. In a KV cache
+    this is the row's last query position + 1: what it has prefilled and generated so far.
+    """
+    last_q_B = jnp.max(self.q_positions_BL, axis=1)
+    readable_BS = self.kv_valid_BS & (self.kv_positions_BS <= last_q_B[:, None])
+    index_BS = jnp.arange(1, readable_BS.shape[1] + 1, dtype=jnp.int32)
+    return jnp.max(jnp.where(readable_BS, index_BS, 0), axis=1)
+
+
+def resolve(implementation: str, *, platform: str | None = None, dtype=None,
+            head_dim: int | None = None) -> str:
+  """The concrete implementation `auto` (or a name) stands for on `platform`."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"model.attention={implementation!r} is not an attention implementation; "
+                     f"use one of {IMPLEMENTATIONS}.")
+  if implementation != "auto":
+    return implementation
+  platform = platform or trace_platform()
+  if platform == "tpu":
+    return "splash"
+  if platform == "gpu":
+    half = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if half and head_dim is not None and head_dim % 8 == 0 else "chunked"
+  return "xla"
+
+
+def attend(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mask: Mask, implementation: str = "auto",
+           *, mesh: jax.sharding.Mesh | None = None,
+           rules: mesh_lib.ShardingRules | None = None) -> Array:
+  """out_BLNH: attention of L queries over S keys; scores and softmax in float32.
+
+  Query head n reads KV head n // G (G = N / KVH query heads per KV head). Returns q's shape in
+  v's dtype. `mesh`/`rules` (the model's) let the Pallas kernel run per shard (shard_map).
+  """
+  name = resolve(implementation, dtype=q_BLNH.dtype, head_dim=q_BLNH.shape[-1])
+  if name == "xla":
+    return dense(q_BLNH, k_BKSH, v_BKSH, mask.dense()[:, None, None])
+  if name == "chunked" or (mask.in_cache and q_BLNH.shape[1] == 1):
+    return chunked(q_BLNH, k_BKSH, v_BKSH, mask)
+  if name == "splash":
+    return splash(q_BLNH, k_BKSH, v_BKSH, mask, mesh=mesh, rules=rules,
+                  interpret=trace_platform() != "tpu")
+  return cudnn(q_BLNH, k_BKSH, v_BKSH, mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# chunked: online softmax over key blocks.
+# ----------------------------------------------------------------------------------------------
+
+
+def chunked(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mask: Mask,
+            block: int = KEY_BLOCK) -> Array:
+  """Online-softmax attention over key blocks of `block` keys, up to the batch's live length.
+
+  The loop bound is max_b live_B (`Mask.live_lengths`), a traced value: a decode step reads
+  the blocks the rows have filled so far, not the whole cache. Rows shorter than the longest
+  compute masked blocks up to that bound; skipping per row inside one batch is what a TPU
+  ragged paged-attention kernel (`pallas.ops.tpu.ragged_paged_attention`, one grid step per
+  row and live block) would add over this loop.
+  """
+  b, l, n, h = q_BLNH.shape
+  kvh, s = k_BKSH.shape[1], k_BKSH.shape[2]
+  block = min(block, s)
+  q_BKGLH = q_BLNH.reshape(b, l, kvh, n // kvh, h).transpose(0, 2, 3, 1, 4)
+  num_blocks = (jnp.max(mask.live_lengths()) + block - 1) // block
+  out = _flash(block, q_BKGLH, k_BKSH, v_BKSH, mask.q_positions_BL, mask.kv_positions_BS,
+               mask.kv_valid_BS, num_blocks)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
+
+
+def _key_block(j, block, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS):
+  """Block j's (start, k, v, allowed_B11LS); the last block is shifted back to end at S, its
+  keys already covered by block j - 1 masked off."""
+  s = k_BKSH.shape[2]
+  start = jnp.minimum(j * block, s - block)
+  take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, start, block, axis)  # noqa: E731
+  fresh_S = start + jnp.arange(block) >= j * block
+  allowed_BLS = ((take(kvalid_BS, 1) & fresh_S)[:, None, :]
+                 & (take(kpos_BS, 1)[:, None, :] <= qpos_BL[:, :, None]))
+  return start, take(k_BKSH, 2), take(v_BKSH, 2), allowed_BLS[:, None, None]
+
+
+def _scores(q_BKGLH, kb_BKSH, allowed):
+  scores = jnp.einsum("BKGLH,BKSH->BKGLS", q_BKGLH, kb_BKSH, preferred_element_type=jnp.float32)
+  return jnp.where(allowed, scores * q_BKGLH.shape[-1] ** -0.5, _MASKED)
+
+
+def _flash_forward(block, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, num_blocks):
+  """(out_BKGLH in v's dtype, logsumexp_BKGL fp32)."""
+  f32 = jnp.float32
+
+  def body(j, carry):
+    m, total, acc = carry
+    _, kb, vb, allowed = _key_block(j, block, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS)
+    scores = _scores(q_BKGLH, kb, allowed)
+    m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+    p = jnp.exp(scores - m_new[..., None])
+    rescale = jnp.exp(m - m_new)
+    acc = acc * rescale[..., None] + jnp.einsum("BKGLS,BKSH->BKGLH", p.astype(vb.dtype), vb,
+                                                preferred_element_type=f32)
+    return m_new, total * rescale + jnp.sum(p, axis=-1), acc
+
+  shape = q_BKGLH.shape[:-1]
+  init = (jnp.full(shape, _MASKED, f32), jnp.zeros(shape, f32),
+          jnp.zeros(q_BKGLH.shape[:-1] + v_BKSH.shape[-1:], f32))
+  m, total, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+  total = jnp.maximum(total, 1e-30)  # zero only when the row read no block at all
+  return (acc / total[..., None]).astype(v_BKSH.dtype), m + jnp.log(total)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(block, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, num_blocks):
+  return _flash_forward(block, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS,
+                        num_blocks)[0]
+
+
+def _flash_fwd(block, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, num_blocks):
+  out, lse = _flash_forward(block, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS,
+                            num_blocks)
+  return out, (q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, num_blocks, out, lse)
+
+
+def _flash_bwd(block, residuals, dout_BKGLH):
+  """FlashAttention-2's backward: per key block, recompute the probabilities from logsumexp;
+  dq accumulates over blocks, dk/dv are written block by block (nothing [L, S] is kept)."""
+  q, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, num_blocks, out, lse = residuals
+  f32 = jnp.float32
+  dout = dout_BKGLH.astype(f32)
+  delta_BKGL = jnp.sum(dout * out.astype(f32), axis=-1)
+  scale = q.shape[-1] ** -0.5
+
+  def body(j, carry):
+    dq, dk, dv = carry
+    start, kb, vb, allowed = _key_block(j, block, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS)
+    p = jnp.exp(_scores(q, kb, allowed) - lse[..., None])
+    dp = jnp.einsum("BKGLH,BKSH->BKGLS", dout, vb.astype(f32))
+    ds = jnp.where(allowed, p * (dp - delta_BKGL[..., None]), 0.0) * scale
+    dq = dq + jnp.einsum("BKGLS,BKSH->BKGLH", ds, kb.astype(f32))
+    add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+        acc, jax.lax.dynamic_slice_in_dim(acc, start, block, 2) + x, start, 2)
+    dk = add(dk, jnp.einsum("BKGLS,BKGLH->BKSH", ds, q.astype(f32)))
+    dv = add(dv, jnp.einsum("BKGLS,BKGLH->BKSH", p, dout))
+    return dq, dk, dv
+
+  init = (jnp.zeros(q.shape, f32), jnp.zeros(k_BKSH.shape, f32), jnp.zeros(v_BKSH.shape, f32))
+  dq, dk, dv = jax.lax.fori_loop(0, num_blocks, body, init)
+  return (dq.astype(q.dtype), dk.astype(k_BKSH.dtype), dv.astype(v_BKSH.dtype),
+          None, None, None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# xla: dense scores.
+# ----------------------------------------------------------------------------------------------
+
+
+def dense(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, allowed: Array) -> Array:
+  """Dense attention; `allowed`: bool, broadcastable to [B, KVH, G, L, S]. On XLA:CPU, decode
+  steps multiply-reduce and large batches run in row chunks (both measured faster there)."""
+  b, l, n, h = q_BLNH.shape
+  if trace_platform() == "cpu":
+    if l == 1:
+      kvh = k_BKSH.shape[1]
+      return _dense_one_query(q_BLNH.reshape(b, kvh, n // kvh, h), k_BKSH, v_BKSH,
+                              allowed[:, :, :, 0]).reshape(b, 1, n, h)
+    rows = _rows_per_chunk(b, n * l * k_BKSH.shape[2] * 4)
+    if rows < b:
+      return _dense_in_row_chunks(q_BLNH, k_BKSH, v_BKSH, allowed, rows)
+  return _dense(q_BLNH, k_BKSH, v_BKSH, allowed)
+
+
+def _dense(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, allowed: Array) -> Array:
+  """`dense` over the whole batch: two batched matmuls over (B, KVH)."""
+  b, l, n, h = q_BLNH.shape
+  kvh = k_BKSH.shape[1]
+  # Queries laid out [B, KVH, G, L, Dh] like the keys (a copy of q, not of the [.., L, S]
+  # scores): both products are then plain batched matmuls whose outputs XLA keeps in place.
+  q_BKGLH = q_BLNH.reshape(b, l, kvh, n // kvh, h).transpose(0, 2, 3, 1, 4)
+  scores = _scores(q_BKGLH, k_BKSH, allowed)
+  # Softmax normalised after the value product: [.., L, Dh] divides instead of [.., L, S].
+  shift = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+  weights = jnp.exp(scores - shift)
+  out = jnp.einsum("BKGLS,BKSH->BKGLH", weights.astype(v_BKSH.dtype), v_BKSH,
+                   preferred_element_type=jnp.float32)
+  out = out / jnp.sum(weights, axis=-1, keepdims=True)
+  return out.astype(v_BKSH.dtype).transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
+
+
+# XLA:CPU runs attention op by op over whole tensors, so once the fp32 scores of all rows
+# outgrow the caches every pass over them streams from memory: 128 rows x 256 tokens ran
+# 3.5x slower per row than chunks of <= this many bytes of scores.
+_CPU_SCORE_CHUNK_BYTES = 8 * 2 ** 20
+
+
+def _rows_per_chunk(rows: int, score_bytes_per_row: int) -> int:
+  """The largest divisor of `rows` whose scores fit _CPU_SCORE_CHUNK_BYTES (at least 1)."""
+  fit = max(1, _CPU_SCORE_CHUNK_BYTES // score_bytes_per_row)
+  return max(d for d in range(1, min(fit, rows) + 1) if rows % d == 0)
+
+
+def _dense_in_row_chunks(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, allowed: Array,
+                         rows: int) -> Array:
+  """`_dense` on `rows` rows at a time (CPU only), each chunk recomputed in the backward pass.
+
+  Chunk m holds rows m, m + M, m + 2M, ... (M chunks): a batch sharded in contiguous blocks
+  keeps its sharding on the rows within a chunk, so the loop never slices across devices.
+  """
+  b = q_BLNH.shape[0]
+  chunks = b // rows
+  allowed = jnp.broadcast_to(allowed, (b,) + allowed.shape[1:])
+  split = lambda x: x.reshape(rows, chunks, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+  body = jax.checkpoint(lambda xs: _dense(*xs), prevent_cse=False)
+  out = jax.lax.map(body, tuple(split(x) for x in (q_BLNH, k_BKSH, v_BKSH, allowed)))
+  return out.swapaxes(0, 1).reshape(q_BLNH.shape)
+
+
+def _dense_one_query(q_BKGH: Array, k_BKSH: Array, v_BKSH: Array, allowed: Array) -> Array:
+  """One query per row (a decode step) as multiply-and-reduce: on XLA:CPU the batched dot over
+  (B, KVH) with only G rows per matrix is 1.2-1.5x slower per decode step than one fused pass
+  over the cache. `allowed` broadcasts to [B, KVH, G, S]. Returns [B, KVH, G, Dh]."""
+  f32 = jnp.float32
+  scores_BKGS = jnp.sum(q_BKGH[:, :, :, None, :].astype(f32) * k_BKSH[:, :, None].astype(f32),
+                        axis=-1)
+  scores_BKGS = jnp.where(allowed, scores_BKGS * q_BKGH.shape[-1] ** -0.5, _MASKED)
+  probs_BKGS = jax.nn.softmax(scores_BKGS, axis=-1)
+  out = jnp.sum(probs_BKGS[..., None] * v_BKSH[:, :, None].astype(f32), axis=3)
+  return out.astype(v_BKSH.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels: splash (TPU, Pallas) and cuDNN (GPU).
+# ----------------------------------------------------------------------------------------------
+
+
+def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _tile(n: int) -> int:
+  """The largest of 512/256/128 dividing n (n a multiple of 128)."""
+  return next(t for t in (512, 256, 128) if n % t == 0)
+
+
+def _rolled_cache(k_BKSH: Array, v_BKSH: Array, mask: Mask) -> tuple[Array, Array, Array]:
+  """Cache rows rolled right by S - L - first_position, so that query l of every row reads the
+  rolled keys <= S - L + l (one static causal mask, offset S - L) and the slots past the row's
+  queries, wrapped to the front, are marked invalid. Returns (k, v, kv_valid_BS)."""
+  l, s = mask.q_positions_BL.shape[1], k_BKSH.shape[2]
+  shift_B = s - l - mask.q_positions_BL[:, 0]
+  source_BS = (jnp.arange(s)[None, :] - shift_B[:, None]) % s
+  roll = lambda x: jnp.take_along_axis(x, source_BS[:, None, :, None], axis=2)  # noqa: E731
+  return roll(k_BKSH), roll(v_BKSH), jnp.arange(s)[None, :] >= shift_B[:, None]
+
+
+def splash(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mask: Mask, *,
+           mesh: jax.sharding.Mesh | None = None, rules: mesh_lib.ShardingRules | None = None,
+           interpret: bool = False) -> Array:
+  """Splash attention (TPU Pallas): a causal mask on indices plus segment ids for padding.
+
+  Self-attention: segment id = kv_valid (padding reads only padding). Cache: the rows are
+  rolled (`_rolled_cache`) so one static causal mask with offset S - L serves every row's
+  query positions. Lengths are padded to multiples of 128 (the kernel's tile). With a mesh the
+  kernel runs per shard of (batch, heads) under shard_map: a Pallas call is not partitioned
+  by XLA.
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  b, l, n, h = q_BLNH.shape
+  kvh, s = k_BKSH.shape[1], k_BKSH.shape[2]
+  if mask.in_cache:
+    k_BKSH, v_BKSH, kv_segment_BS = _rolled_cache(k_BKSH, v_BKSH, mask)
+    q_segment_BL, offset = jnp.ones((b, l), bool), s - l
+  else:
+    q_segment_BL = kv_segment_BS = mask.kv_valid_BS
+    offset = 0
+  lp, sp = -(-l // 128) * 128, -(-s // 128) * 128
+  # Padded queries read the padded keys (segment 2) at and before their index: never empty.
+  q_seg = _pad_axis(q_segment_BL.astype(jnp.int32), 1, lp, 2)
+  kv_seg = _pad_axis(kv_segment_BS.astype(jnp.int32), 1, sp, 2)
+  q_BKGLH = _pad_axis(q_BLNH, 1, lp).reshape(b, lp, kvh, n // kvh, h).transpose(0, 2, 3, 1, 4)
+  k_BKSH, v_BKSH = _pad_axis(k_BKSH, 2, sp), _pad_axis(v_BKSH, 2, sp)
+  bq, bkv = _tile(lp), _tile(sp)
+  blocks = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                         block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
+                         block_kv_dq=bkv)
+  g = n // kvh
+  kernel = sa.make_splash_mqa_single_device(
+      sa.MultiHeadMask([sa.CausalMask((lp, sp), offset=offset)] * g), block_sizes=blocks,
+      interpret=interpret)
+
+  def run(q, k, v, q_seg, kv_seg):  # [b, K, G, Lp, H], [b, K, Sp, H] x2, [b, Lp], [b, Sp]
+    scaled = q * jnp.asarray(h ** -0.5, q.dtype)  # the kernel does not scale
+    one_head = lambda qh, kh, vh, seg: kernel(qh, kh, vh, seg)  # noqa: E731
+    per_row = lambda qb, kb, vb, qs, ks: jax.vmap(  # noqa: E731
+        one_head, in_axes=(0, 0, 0, None))(qb, kb, vb, sa.SegmentIds(q=qs, kv=ks))
+    return jax.vmap(per_row)(scaled, k, v, q_seg, kv_seg)
+
+  if mesh is not None:
+    rules = rules or mesh_lib.ShardingRules()
+    spec = lambda axes, shape: rules.spec(axes, shape, mesh)  # noqa: E731
+    q_spec = spec(("batch", "kv_heads", None, "length", "head_dim"), q_BKGLH.shape)
+    kv_spec = spec(("batch", "kv_heads", "cache_length", "head_dim"), k_BKSH.shape)
+    seg_spec = P(q_spec[0], None)
+    run = jax.shard_map(run, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+                        out_specs=q_spec, check_vma=False)
+  out = run(q_BKGLH, k_BKSH, v_BKSH, q_seg, kv_seg)
+  return out[:, :, :, :l].transpose(0, 3, 1, 2, 4).reshape(b, l, n, h).astype(v_BKSH.dtype)
+
+
+def cudnn(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mask: Mask,
+          backend: str = "cudnn") -> Array:
+  """cuDNN flash attention through `jax.nn.dot_product_attention` (bf16/fp16 on a GPU; XLA
+  partitions it over batch and heads). `backend='xla'` runs the same arrangement on any
+  platform (tests).
+
+  Self-attention: each row's real tokens are moved to the front (a stable sort keeps their
+  order), so a top-left causal mask with per-row lengths is the whole mask. Cache: each query
+  is placed at its own slot of an [S]-long query block (causal over the cache, lengths = live
+  lengths) and read back; rows whose queries are few pay for S queries.
+  """
+  b, l, n, h = q_BLNH.shape
+  if backend == "cudnn" and q_BLNH.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"model.attention='cudnn' needs model.compute_dtype='bfloat16' (got "
+                     f"{q_BLNH.dtype}); use 'chunked' or 'auto' for float32.")
+  k_BSKH, v_BSKH = jnp.swapaxes(k_BKSH, 1, 2), jnp.swapaxes(v_BKSH, 1, 2)
+  rows_B1 = jnp.arange(b)[:, None]
+  if mask.in_cache:
+    s = k_BKSH.shape[2]
+    live_B = mask.live_lengths()
+    slot_BL = jnp.minimum(mask.q_positions_BL, s - 1)
+    q_BSNH = jnp.zeros((b, s, n, h), q_BLNH.dtype).at[rows_B1, slot_BL].set(q_BLNH)
+    out = jax.nn.dot_product_attention(q_BSNH, k_BSKH, v_BSKH, is_causal=True,
+                                       query_seq_lengths=live_B, key_value_seq_lengths=live_B,
+                                       implementation=backend)
+    return out[rows_B1, slot_BL]
+  order_BL = jnp.argsort(~mask.kv_valid_BS, axis=1, stable=True)
+  count_B = jnp.sum(mask.kv_valid_BS, axis=1).astype(jnp.int32)
+  gather = lambda x: x[rows_B1, order_BL]  # noqa: E731
+  out = jax.nn.dot_product_attention(gather(q_BLNH), gather(k_BSKH), gather(v_BSKH),
+                                     is_causal=True, query_seq_lengths=count_B,
+                                     key_value_seq_lengths=count_B, implementation=backend)
+  return jnp.zeros_like(out).at[rows_B1, order_BL].set(out)

@@ -153,8 +153,9 @@ def attend(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mask: Mask, implementati
 
 
 def chunked(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mask: Mask,
-            block: int = KEY_BLOCK) -> Array:
-  """Online-softmax attention over key blocks of `block` keys, up to the batch's live length.
+            block: int | None = None) -> Array:
+  """Online-softmax attention over key blocks of `block` (default KEY_BLOCK) keys, up to the
+  batch's live length.
 
   The loop bound is max_b live_B (`Mask.live_lengths`), a traced value: a decode step reads
   the blocks the rows have filled so far, not the whole cache. Rows shorter than the longest
@@ -164,7 +165,7 @@ def chunked(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mask: Mask,
   """
   b, l, n, h = q_BLNH.shape
   kvh, s = k_BKSH.shape[1], k_BKSH.shape[2]
-  block = min(block, s)
+  block = min(block or KEY_BLOCK, s)
   q_BKGLH = q_BLNH.reshape(b, l, kvh, n // kvh, h).transpose(0, 2, 3, 1, 4)
   num_blocks = (jnp.max(mask.live_lengths()) + block - 1) // block
   out = _flash(block, q_BKGLH, k_BKSH, v_BKSH, mask.q_positions_BL, mask.kv_positions_BS,

@@ -161,6 +161,9 @@ def test_auto_picks_per_platform():
   assert attention.resolve("auto", platform="gpu", dtype=jnp.bfloat16, head_dim=12) == "chunked"
   assert attention.resolve("auto", platform="cpu") == "xla"
   assert attention.resolve("chunked", platform="tpu") == "chunked"
+  for name in ("auto", "chunked", "splash", "cudnn"):  # decode steps read live blocks only
+    assert attention.resolve(name, platform="tpu", decode=True) == "chunked"
+  assert attention.resolve("xla", platform="tpu", decode=True) == "xla"
   with pytest.raises(ValueError, match="model.attention='flash'"):
     attention.resolve("flash")
   with pytest.raises(ValueError, match="model.attention='flash'"):
@@ -177,7 +180,8 @@ def test_cudnn_refuses_float32_with_the_fix():
 @pytest.mark.parametrize("queries", [1, 5])
 def test_attention_traced_for_another_platform(queries):
   """compile_check traces programs for a TPU on this CPU: `auto` must then trace the TPU's
-  formulation (the splash kernel; a decode step the live-length loop), not XLA:CPU's."""
+  formulation (the splash kernel; a decode step the live-length loop on both), not XLA:CPU's
+  dense scores."""
   q, k, v, _, _ = _case("decode", 2)
   q = jnp.repeat(q, queries, axis=1)
   mask = attention.Mask.cache(jnp.asarray([[3], [20], [9]]) + jnp.arange(queries), 45)
@@ -190,5 +194,5 @@ def test_attention_traced_for_another_platform(queries):
     assert attention.trace_platform() == "tpu"
     there = primitives()
   assert attention.trace_platform() == "cpu"
-  assert "pallas_call" not in here and "while" not in here
+  assert "pallas_call" not in here and ("while" in here) == (queries == 1)
   assert ("while" if queries == 1 else "pallas_call") in there

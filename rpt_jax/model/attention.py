@@ -54,11 +54,14 @@ def tracing_for_platform(platform: str) -> Iterator[None]:
   `auto` (and XLA:CPU's row chunks) pick by platform; a program compiled ahead of time for a
   TPU from a CPU host (`rpt_jax.compile_check`) must be traced as the TPU will run it, or its
   memory figures are those of the CPU formulation. JAX caches traces by function and argument
-  shapes, not by this setting: trace functions made inside the block.
+  shapes, not by this setting: trace functions made inside the block. Matmuls are traced at the
+  default precision, as a run on `platform` has them (the tests' process-wide 'highest' asks
+  Mosaic for fp32 contraction of bf16 operands, which it refuses to compile).
   """
   token = _TRACE_PLATFORM.set(platform)
   try:
-    yield
+    with jax.default_matmul_precision("default"):
+      yield
   finally:
     _TRACE_PLATFORM.reset(token)
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -42,6 +43,9 @@ IMPLEMENTATIONS = ("auto", "xla", "chunked", "splash", "cudnn")
 _MASKED = -1e30
 # Keys per block of the online softmax; scores live as [B, KVH, G, L, block] fp32 per step.
 KEY_BLOCK = 512
+# A ragged decode step gathers its (row, block) pairs' keys first: 1.5x the time of a batch
+# step on XLA:CPU (16 rows, 4k cache), so it runs only where it saves more steps than that.
+_RAGGED_STEP_COST = 1.5
 # The platform the attention code is traced for; None: this process's default backend.
 _TRACE_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "rpt_jax_trace_platform", default=None)
@@ -71,7 +75,8 @@ def trace_platform() -> str:
   return _TRACE_PLATFORM.get() or jax.default_backend()
 
 
-class Mask(NamedTuple):
+@flax.struct.dataclass
+class Mask:
   """Which keys each query reads, from positions: [B, L] queries, [B, S] keys.
 
   Contract of both layouts: the real tokens of a row have increasing positions along the row
@@ -81,7 +86,8 @@ class Mask(NamedTuple):
   q_positions_BL: Array
   kv_positions_BS: Array
   kv_valid_BS: Array
-  in_cache: bool = False  # keys are KV-cache slots: kv_positions == slot index, all valid
+  # Keys are KV-cache slots (kv_positions == slot index, all valid); static under jit.
+  in_cache: bool = flax.struct.field(pytree_node=False, default=False)
 
   @classmethod
   def causal(cls, positions_BL: Array, valid_BL: Array) -> "Mask":
@@ -163,22 +169,22 @@ def attend(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mask: Mask, implementati
 
 def chunked(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mask: Mask,
             block: int | None = None) -> Array:
-  """Online-softmax attention over key blocks of `block` (default KEY_BLOCK) keys, up to the
-  batch's live length.
+  """Online-softmax attention over key blocks of `block` (default KEY_BLOCK) keys; no block
+  past a row's live length (`Mask.live_lengths`, traced values) is ever read.
 
-  The loop bound is max_b live_B (`Mask.live_lengths`), a traced value: a decode step reads
-  the blocks the rows have filled so far, not the whole cache. Rows shorter than the longest
-  compute masked blocks up to that bound; skipping per row inside one batch is what a TPU
-  ragged paged-attention kernel (`pallas.ops.tpu.ragged_paged_attention`, one grid step per
-  row and live block) would add over this loop.
+  Many queries per row (training, prefill): one loop over key blocks for the whole batch, up to
+  the longest row's live length. One query per row (a decode step) whose rows' live lengths
+  differ enough (`_RAGGED_STEP_COST`): a ragged schedule over the (row, live block) pairs, B
+  pairs per step, so the step costs the rows' summed live lengths, not B x the longest; a TPU
+  ragged paged-attention kernel (`pallas.ops.tpu.ragged_paged_attention`) is the fused form of
+  that schedule. Gradients of both: FlashAttention-2's backward over the longest row's blocks.
   """
   b, l, n, h = q_BLNH.shape
   kvh, s = k_BKSH.shape[1], k_BKSH.shape[2]
   block = min(block or KEY_BLOCK, s)
   q_BKGLH = q_BLNH.reshape(b, l, kvh, n // kvh, h).transpose(0, 2, 3, 1, 4)
-  num_blocks = (jnp.max(mask.live_lengths()) + block - 1) // block
-  out = _flash(block, q_BKGLH, k_BKSH, v_BKSH, mask.q_positions_BL, mask.kv_positions_BS,
-               mask.kv_valid_BS, num_blocks)
+  out = _flash(block, l == 1, q_BKGLH, k_BKSH, v_BKSH, mask.q_positions_BL,
+               mask.kv_positions_BS, mask.kv_valid_BS, mask.live_lengths())
   return out.transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
 
 
@@ -199,8 +205,12 @@ def _scores(q_BKGLH, kb_BKSH, allowed):
   return jnp.where(allowed, scores * q_BKGLH.shape[-1] ** -0.5, _MASKED)
 
 
-def _flash_forward(block, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, num_blocks):
-  """(out_BKGLH in v's dtype, logsumexp_BKGL fp32)."""
+def _num_blocks(live_B: Array, block: int) -> Array:
+  return (jnp.max(live_B) + block - 1) // block
+
+
+def _flash_forward(block, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, live_B):
+  """(out_BKGLH in v's dtype, logsumexp_BKGL fp32): one loop over the batch's key blocks."""
   f32 = jnp.float32
 
   def body(j, carry):
@@ -217,27 +227,87 @@ def _flash_forward(block, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, 
   shape = q_BKGLH.shape[:-1]
   init = (jnp.full(shape, _MASKED, f32), jnp.zeros(shape, f32),
           jnp.zeros(q_BKGLH.shape[:-1] + v_BKSH.shape[-1:], f32))
-  m, total, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+  m, total, acc = jax.lax.fori_loop(0, _num_blocks(live_B, block), body, init)
+  return _normalise(m, total, acc, v_BKSH.dtype)
+
+
+def _normalise(m, total, acc, dtype):
   total = jnp.maximum(total, 1e-30)  # zero only when the row read no block at all
-  return (acc / total[..., None]).astype(v_BKSH.dtype), m + jnp.log(total)
+  return (acc / total[..., None]).astype(dtype), m + jnp.log(total)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(block, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, num_blocks):
-  return _flash_forward(block, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS,
-                        num_blocks)[0]
+def _ragged_forward(block, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, live_B):
+  """`_flash_forward` scheduled over (row, block) pairs: pair i of the list (row 0's live
+  blocks, then row 1's, ...) is computed at step i // B, and each step's partial softmaxes are
+  merged into their rows' running (max, sum, output) with segment reductions."""
+  f32 = jnp.float32
+  b, s = k_BKSH.shape[0], k_BKSH.shape[2]
+  blocks_B = (live_B + block - 1) // block
+  first_B = jnp.cumsum(blocks_B) - blocks_B  # index of each row's first pair
+  total_pairs = jnp.sum(blocks_B)
+  scale = q_BKGLH.shape[-1] ** -0.5
+
+  def body(step, carry):
+    m_B, sum_B, acc_B = carry
+    pair_I = step * b + jnp.arange(b)
+    row_I = jnp.clip(jnp.searchsorted(first_B, pair_I, side="right") - 1, 0, b - 1)
+    j_I = pair_I - first_B[row_I]
+    start_I = jnp.minimum(j_I * block, s - block)
+    index_IS = start_I[:, None] + jnp.arange(block)
+    take = lambda x: x[row_I[:, None], index_IS]  # noqa: E731  [I, S] from [B, S]
+    take_kv = lambda x: jnp.swapaxes(  # noqa: E731  [I, KVH, S, H] from [B, KVH, S, H]
+        x[row_I[:, None], :, index_IS], 1, 2)
+    allowed_IS = (take(kvalid_BS) & (index_IS >= (j_I * block)[:, None])
+                  & (pair_I < total_pairs)[:, None])
+    allowed_ILS = allowed_IS[:, None, :] & (take(kpos_BS)[:, None, :]
+                                            <= qpos_BL[row_I][:, :, None])
+    kb, vb = take_kv(k_BKSH), take_kv(v_BKSH)
+    scores = jnp.einsum("IKGLH,IKSH->IKGLS", q_BKGLH[row_I], kb, preferred_element_type=f32)
+    scores = jnp.where(allowed_ILS[:, None, None], scores * scale, _MASKED)
+    m_I = jnp.max(scores, axis=-1)
+    p = jnp.exp(scores - m_I[..., None])
+    pv_I = jnp.einsum("IKGLS,IKSH->IKGLH", p.astype(vb.dtype), vb, preferred_element_type=f32)
+    # Pairs past the list go to segment b, which is dropped.
+    seg_I = jnp.where(pair_I < total_pairs, row_I, b)
+    m_new = jnp.maximum(m_B, jax.ops.segment_max(m_I, seg_I, b + 1)[:b])
+    weight_I = jnp.exp(m_I - jnp.concatenate([m_new, m_new[:1]])[seg_I])
+    rescale = jnp.exp(m_B - m_new)
+    sum_B = sum_B * rescale + jax.ops.segment_sum(jnp.sum(p, -1) * weight_I, seg_I, b + 1)[:b]
+    acc_B = acc_B * rescale[..., None] + jax.ops.segment_sum(
+        pv_I * weight_I[..., None], seg_I, b + 1)[:b]
+    return m_new, sum_B, acc_B
+
+  shape = q_BKGLH.shape[:-1]
+  init = (jnp.full(shape, _MASKED, f32), jnp.zeros(shape, f32),
+          jnp.zeros(shape + v_BKSH.shape[-1:], f32))
+  m, total, acc = jax.lax.fori_loop(0, (total_pairs + b - 1) // b, body, init)
+  return _normalise(m, total, acc, v_BKSH.dtype)
 
 
-def _flash_fwd(block, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, num_blocks):
-  out, lse = _flash_forward(block, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS,
-                            num_blocks)
-  return out, (q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, num_blocks, out, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(block, ragged, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, live_B):
+  return _flash_fwd(block, ragged, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS,
+                    live_B)[0]
 
 
-def _flash_bwd(block, residuals, dout_BKGLH):
+def _flash_fwd(block, ragged, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, live_B):
+  args = (q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, live_B)
+  if ragged:  # the cheaper schedule for these live lengths, chosen on device
+    b = live_B.shape[0]
+    ragged_steps = (jnp.sum((live_B + block - 1) // block) + b - 1) // b
+    out, lse = jax.lax.cond(ragged_steps * _RAGGED_STEP_COST < _num_blocks(live_B, block),
+                            functools.partial(_ragged_forward, block),
+                            functools.partial(_flash_forward, block), *args)
+  else:
+    out, lse = _flash_forward(block, *args)
+  return out, (*args, out, lse)
+
+
+def _flash_bwd(block, ragged, residuals, dout_BKGLH):
   """FlashAttention-2's backward: per key block, recompute the probabilities from logsumexp;
   dq accumulates over blocks, dk/dv are written block by block (nothing [L, S] is kept)."""
-  q, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, num_blocks, out, lse = residuals
+  del ragged  # one loop over the longest row's blocks serves both forward schedules
+  q, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS, live_B, out, lse = residuals
   f32 = jnp.float32
   dout = dout_BKGLH.astype(f32)
   delta_BKGL = jnp.sum(dout * out.astype(f32), axis=-1)
@@ -257,7 +327,7 @@ def _flash_bwd(block, residuals, dout_BKGLH):
     return dq, dk, dv
 
   init = (jnp.zeros(q.shape, f32), jnp.zeros(k_BKSH.shape, f32), jnp.zeros(v_BKSH.shape, f32))
-  dq, dk, dv = jax.lax.fori_loop(0, num_blocks, body, init)
+  dq, dk, dv = jax.lax.fori_loop(0, _num_blocks(live_B, block), body, init)
   return (dq.astype(q.dtype), dk.astype(k_BKSH.dtype), dv.astype(v_BKSH.dtype),
           None, None, None, None)
 

@@ -92,10 +92,31 @@ def test_forward_and_gradients_match_dense_reference(name, layout, kv_heads, mon
     np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4, rtol=0, err_msg=what)
 
 
-def test_decode_never_reads_keys_past_the_live_length(monkeypatch):
+@pytest.mark.parametrize("step_cost", [0.0, 1e9], ids=["ragged", "batch"])
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_decode_schedules_match_dense_reference(step_cost, kv_heads, monkeypatch):
+  """Both decode schedules (over (row, live block) pairs, or every row up to the longest), for
+  rows of very different live lengths, forward and gradients."""
+  monkeypatch.setattr(attention, "KEY_BLOCK", 8)
+  monkeypatch.setattr(attention, "_RAGGED_STEP_COST", step_cost)
+  q, k, v, _, _ = _case("decode", kv_heads, seed=4)
+  mask = attention.Mask.cache(jnp.asarray([[0], [44], [12]], jnp.int32), 45)
+  dout = np.random.RandomState(5).randn(*q.shape)
+  run = lambda q, k, v: attention.chunked(q, k, v, mask)  # noqa: E731
+  out, grads = jax.jit(lambda *x: (run(*x), jax.grad(
+      lambda *y: jnp.sum(run(*y) * dout), (0, 1, 2))(*x)))(q, k, v)
+  want = reference(q, k, v, np.asarray(mask.dense()), dout)
+  np.testing.assert_allclose(np.asarray(out), want[0], atol=1e-5, rtol=0)
+  for got, ref in zip(grads, want[1:]):
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("step_cost", [0.0, 1e9], ids=["ragged", "batch"])
+def test_decode_never_reads_keys_past_the_live_length(step_cost, monkeypatch):
   """Slots past every row's position hold NaN: a dense pass multiplies them (0 * NaN), the
   chunked loop stops before their blocks."""
   monkeypatch.setattr(attention, "KEY_BLOCK", 8)
+  monkeypatch.setattr(attention, "_RAGGED_STEP_COST", step_cost)
   q, k, v, _, _ = _case("decode", 2)
   mask = attention.Mask.cache(jnp.asarray([[3], [17], [9]], jnp.int32), 45)
   np.testing.assert_array_equal(mask.live_lengths(), [4, 18, 10])
@@ -135,8 +156,7 @@ def test_sharded_on_eight_devices_equals_unsharded(name, layout, monkeypatch):
   q, k, v, mask, real = _case(layout, 2)
   q, k, v = (jnp.concatenate([x, x[::-1]]) for x in (q, k, v))  # 6 rows -> 4 shards need 4k
   q, k, v = q[:4], k[:4], v[:4]
-  mask = jax.tree.map(lambda x: jnp.concatenate([x, x[::-1]])[:4] if hasattr(x, "shape") else x,
-                      mask)
+  mask = jax.tree.map(lambda x: jnp.concatenate([x, x[::-1]])[:4], mask)
   real = np.concatenate([real, real[::-1]])[:4]
   dout = np.random.RandomState(3).randn(*q.shape) * real[:, :, None, None]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rpt_jax import mesh as mesh_lib
-from rpt_jax.model import attention
+from rpt_jax.model import attention, attention_kernels
 from rpt_jax.model.config import ModelConfig
 
 N, H = 4, 8  # query heads, head dim
@@ -68,7 +68,7 @@ def _case(layout: str, kv_heads: int, seed: int = 0):
 
 def _run(name: str):
   if name == "cudnn_arrangement":  # cuDNN's argument arrangement, XLA as its backend (no GPU)
-    return lambda q, k, v, m: attention.cudnn(q, k, v, m, backend="xla")
+    return lambda q, k, v, m: attention_kernels.cudnn(q, k, v, m, backend="xla")
   return lambda q, k, v, m: attention.attend(q, k, v, m, name)
 
 
@@ -194,7 +194,7 @@ def test_auto_picks_per_platform():
 def test_cudnn_refuses_float32_with_the_fix():
   q, k, v, mask, _ = _case("padded", 2)
   with pytest.raises(ValueError, match="model.compute_dtype='bfloat16'"):
-    attention.cudnn(q, k, v, mask)
+    attention_kernels.cudnn(q, k, v, mask)
 
 
 @pytest.mark.parametrize("queries", [1, 5])

@@ -25,7 +25,6 @@ from flax import nnx
 
 from rpt_jax import mesh as mesh_lib
 from rpt_jax.model import attention as attention_lib
-from rpt_jax.model.attention import tracing_for_platform  # noqa: F401  (compile_check's import)
 from rpt_jax.model.config import ModelConfig
 
 Array = jax.Array
@@ -296,9 +295,9 @@ class Transformer(nnx.Module):
       # "involuntary full rematerialization"), so pin it first, with the rows over the batch
       # axes D does not use; the batch constraint below is then one all-to-all per D axis.
       rules = self.rules or mesh_lib.ShardingRules()
-      d_axes = _axes_tuple(rules.spec(("embed",), table_VD.shape[1:], self.mesh)[0])
+      d_axes = mesh_lib.as_tuple(rules.spec(("embed",), table_VD.shape[1:], self.mesh)[0])
       if d_axes:
-        b_axes = tuple(a for a in _axes_tuple(rules.spec(("batch",), x_BLD.shape[:1],
+        b_axes = tuple(a for a in mesh_lib.as_tuple(rules.spec(("batch",), x_BLD.shape[:1],
                                                          self.mesh)[0]) if a not in d_axes)
         x_BLD = jax.lax.with_sharding_constraint(x_BLD, jax.sharding.NamedSharding(
             self.mesh, jax.sharding.PartitionSpec(b_axes or None, None, d_axes)))
@@ -316,13 +315,6 @@ class Transformer(nnx.Module):
     logits = jnp.einsum("BLD,DV->BLV", hidden_BLD.astype(cd), self.unembedding().astype(cd),
                         preferred_element_type=jnp.float32)
     return mesh_lib.shard_activation(logits, ("batch", "length", "vocab"), self.mesh, self.rules)
-
-
-def _axes_tuple(entry) -> tuple[str, ...]:
-  """A PartitionSpec entry (None, an axis name or a tuple of them) as a tuple of names."""
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def init_model(config: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None,

@@ -109,7 +109,8 @@ class SlotEngine(Sampler):
 
   def generate(self, prompt_tokens, prompt_lengths, *, num_samples: int, max_new_tokens,
                temperature: float, top_k: int = 0, top_p: float = 1.0,
-               eos_ids: Sequence[int] = (), rng: jax.Array, params: Any = None) -> SampleOutput:
+               eos_ids: Sequence[int] = (), rng: jax.Array, params: Any = None,
+               cache_tokens: int | None = None) -> SampleOutput:
     """`Sampler.generate` (same arguments but micro_batch / shared_prefill, same output): all B
     contexts, row i*G+g = sample g of context i."""
     if self._carried_groups():
@@ -119,24 +120,26 @@ class SlotEngine(Sampler):
     groups, *_ = self._run(prompt_tokens, prompt_lengths, num_samples, max_new_tokens,
                            Sampling(float(temperature), int(top_k), float(top_p)), eos_ids, rng,
                            params, groups_needed=np.shape(prompt_tokens)[0], carry_over=False,
-                           version=0, context_ids=None)
+                           version=0, context_ids=None, cache_tokens=cache_tokens)
     return self._package(sorted(groups, key=lambda grp: grp.context_id), 0).output
 
   def generate_groups(self, prompt_tokens, prompt_lengths, *, num_samples: int, max_new_tokens,
                       temperature: float, top_k: int = 0, top_p: float = 1.0,
                       eos_ids: Sequence[int] = (), rng: jax.Array, params: Any = None,
                       groups_needed: int, carry_over: bool = False, policy_version: int = 0,
-                      context_ids: Sequence[int] | None = None) -> GroupRollouts:
+                      context_ids: Sequence[int] | None = None,
+                      cache_tokens: int | None = None) -> GroupRollouts:
     """Over-sampling: admits contexts (plus any carried groups, which go first) until
     `groups_needed` whole groups are done, then stops; returns exactly those groups (in the
     order they finished). max_new_tokens: one int or one per row [B*G]. Row i*G+g of this call
     draws from fold_in(fold_in(rng, t), i*G+g), as `generate`. context_ids: [B] ints reported
-    back (default arange(B)); policy_version: the caller's weights version (for staleness)."""
+    back (default arange(B)); policy_version: the caller's weights version (for staleness);
+    cache_tokens: as in `Sampler.generate`."""
     groups, unstarted, dropped, carried = self._run(
         prompt_tokens, prompt_lengths, num_samples, max_new_tokens,
         Sampling(float(temperature), int(top_k), float(top_p)), eos_ids, rng, params,
         groups_needed=groups_needed, carry_over=carry_over, version=int(policy_version),
-        context_ids=context_ids)
+        context_ids=context_ids, cache_tokens=cache_tokens)
     result = self._package(groups, int(policy_version))
     return dataclasses.replace(result, unstarted=unstarted, dropped=dropped, carried=carried)
 
@@ -149,12 +152,11 @@ class SlotEngine(Sampler):
   # ---- scheduling ----------------------------------------------------------------------------
 
   def _run(self, prompt_tokens, prompt_lengths, num_samples, max_new_tokens, method, eos_ids,
-           rng, params, *, groups_needed, carry_over, version, context_ids):
+           rng, params, *, groups_needed, carry_over, version, context_ids, cache_tokens):
     """The scheduler loop: (finished groups, unstarted ids, dropped ids, carried ids)."""
     b, l = self._check(prompt_tokens, prompt_lengths, num_samples, None)
     g = int(num_samples)
-    budgets_R = self.row_budgets(max_new_tokens, b * g, l)
-    n = int(budgets_R.max())
+    budgets_R, n = self.row_budgets(max_new_tokens, b * g, l, cache_tokens)
     carried = self._carried_groups()
     if carried and self._shape != (l, n, g):
       raise ValueError(f"carried partial rollouts have (prompt length, max_new_tokens, G) = "

@@ -107,7 +107,7 @@ class Sampler:
                temperature: float, top_k: int = 0,
                top_p: float = 1.0, eos_ids: Sequence[int] = (), rng: Array,
                params: Any = None, micro_batch: int | None = None,
-               shared_prefill: bool = True) -> SampleOutput:
+               shared_prefill: bool = True, cache_tokens: int | None = None) -> SampleOutput:
     """Samples `num_samples` (G) completions of up to `max_new_tokens` per prompt.
 
     prompt_tokens: [B, L] int, right-padded (L is the static bucket length).
@@ -123,12 +123,13 @@ class Sampler:
       runs all B at once.
     shared_prefill: False prefills every one of the B*G rows separately (a baseline for tests
       and benchmarks; identical results up to float rounding).
+    cache_tokens: N, the response positions the cache holds (default: the largest budget);
+      fixing it keeps one compile while per-row budgets change (e.g. a decaying thought budget).
     """
     b, l = self._check(prompt_tokens, prompt_lengths, num_samples, micro_batch)
     method = Sampling(float(temperature), int(top_k), float(top_p))
     g = int(num_samples)
-    budgets_R = self.row_budgets(max_new_tokens, b * g, l)
-    n = int(budgets_R.max())
+    budgets_R, n = self.row_budgets(max_new_tokens, b * g, l, cache_tokens)
     mb = min(micro_batch or b, b)
     eos = tuple(sorted({int(e) for e in eos_ids}))
     params = self._place_params(self.params if params is None else params)
@@ -305,9 +306,10 @@ class Sampler:
 
   # ---- checks --------------------------------------------------------------------------------
 
-  def row_budgets(self, max_new_tokens, rows: int, prompt_len: int) -> np.ndarray:
-    """`max_new_tokens` (one int, or one per row) as [rows] int32, checked against the model's
-    context length."""
+  def row_budgets(self, max_new_tokens, rows: int, prompt_len: int,
+                  cache_tokens: int | None = None) -> tuple[np.ndarray, int]:
+    """(`max_new_tokens` (one int, or one per row) as [rows] int32, the cache's response
+    positions N), checked against the model's context length."""
     budgets = np.asarray(max_new_tokens)
     if budgets.ndim == 0:
       budgets = np.full((rows,), budgets)
@@ -316,8 +318,12 @@ class Sampler:
                        f"int or one int per row (shape ({rows},) = contexts x num_samples).")
     if budgets.min() < 1:
       raise ValueError(f"max_new_tokens={budgets.min()} must be >= 1.")
-    self.config.check_context_length(prompt_len + int(budgets.max()))
-    return budgets.astype(np.int32)
+    n = int(budgets.max()) if cache_tokens is None else int(cache_tokens)
+    if n < budgets.max():
+      raise ValueError(f"cache_tokens={cache_tokens} is below the largest max_new_tokens "
+                       f"({budgets.max()}); raise it or leave it None.")
+    self.config.check_context_length(prompt_len + n)
+    return budgets.astype(np.int32), n
 
   def _check(self, prompt_tokens, prompt_lengths, num_samples, micro_batch):
     shape = np.shape(prompt_tokens)

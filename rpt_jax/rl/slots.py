@@ -89,6 +89,9 @@ class SlotPrograms:
   def init(self, slots: int, cache_len: int, key_shape: tuple[int, ...]) -> SlotState:
     """S empty slots (all free) of `cache_len` positions."""
     o, cfg = self.o, self.o.config
+    key = ("init", slots, cache_len, key_shape)
+    if key in o._fns:
+      return o._fns[key]()
 
     def make():
       zeros = jnp.zeros((slots,), jnp.int32)
@@ -97,8 +100,12 @@ class SlotPrograms:
                        row_S=zeros, live_S=jnp.zeros((slots,), bool),
                        key_S2=jnp.zeros((slots,) + key_shape, jnp.uint32))
 
-    shardings = self.state_shardings(slots, cache_len)
-    return (jax.jit(make) if shardings is None else jax.jit(make, out_shardings=shardings))()
+    # Explicit out_shardings even without a mesh: a zero-argument jit's outputs are otherwise
+    # uncommitted on its first call only, and the programs fed them would compile twice.
+    shardings = (self.state_shardings(slots, cache_len)
+                 or jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    o._fns[key] = jax.jit(make, out_shardings=shardings)
+    return o._fns[key]()
 
   def _replicated(self):
     return None if self.o.mesh is None else NamedSharding(self.o.mesh, PartitionSpec())

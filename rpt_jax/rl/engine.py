@@ -32,6 +32,7 @@ only during a call unless partial rollouts are carried.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Sequence
 
 import jax
@@ -183,8 +184,9 @@ class SlotEngine(Sampler):
       self._state = self.programs.init(self.slots, l + n, jax.random.key_data(rng).shape)
     admit = self.programs.admit(self.slots, l + n, self.prefill_contexts, l, g, method, eos)
     chunk = self.programs.chunk(self.slots, l + n, self.chunk_steps, method, eos)
-    stats = dict(decode_steps=0, chunks=0, admissions=0, tokens=0, first_tokens=0)
+    stats = dict(decode_steps=0, chunks=0, admissions=0, tokens=0, first_tokens=0, host_s=0.0)
     eos_set = np.asarray(eos, np.int32)
+    start = host = time.perf_counter()  # host: when the device last handed results back
 
     while len(finished) < groups_needed:
       free = [s for s, occupant in enumerate(self._slot_group) if occupant is None]
@@ -202,6 +204,7 @@ class SlotEngine(Sampler):
       self._state, tokens_KS, logprobs_KS, steps, count_S, live_S = chunk(
           params, self._state, jnp.int32(min_free))
       stats["chunks"] += 1
+      stats["host_s"] += time.perf_counter() - host  # Scheduling while the device sat idle.
       for take, (first, logp) in pending:  # Token 0 of the admitted rows (from the prefill).
         first, logp = np.asarray(first), np.asarray(logp)
         for j, i in enumerate(take):
@@ -210,6 +213,7 @@ class SlotEngine(Sampler):
           stats["first_tokens"] += g
       tokens_KS, logprobs_KS, steps, count_S, live_S = jax.device_get(
           (tokens_KS, logprobs_KS, steps, count_S, live_S))
+      host = time.perf_counter()
       stats["decode_steps"] += int(steps)
       finished += self._collect(tokens_KS, logprobs_KS, count_S, live_S, eos_set, stats)
 
@@ -223,6 +227,7 @@ class SlotEngine(Sampler):
     else:
       self.drop_partial()
       dropped, carried_ids = rest_ids, np.zeros(0, np.int64)
+    stats["wall_s"] = time.perf_counter() - start
     self._record_stats(stats)
     return done, unstarted, dropped, carried_ids
 

@@ -121,7 +121,7 @@ def main() -> None:
   p.add_argument("--slots", type=int, default=128, help="the engine's decode slots")
   p.add_argument("--prefill-contexts", type=int, default=1)
   p.add_argument("--chunk-steps", type=int, default=16)
-  p.add_argument("--static-micro", default="1,2,4,16",
+  p.add_argument("--static-micro", default="2,4",
                  help="static micro-batch sizes (contexts) to try")
   p.add_argument("--hf-contexts", type=int, default=4, help="0 skips HF continuous batching")
   args = p.parse_args()
@@ -162,6 +162,12 @@ def main() -> None:
   stats = engine.last_stats
   engine_tps, util = tokens / seconds, stats["slot_utilization"]
   rows.append((f"engine ({args.slots} slots)", seconds, tokens, stats["decode_steps"], util))
+  print(f"engine: {stats['chunks']} chunks, {stats['admissions']} admissions; host scheduling "
+        f"{stats['host_s']:.2f} s of {stats['wall_s']:.2f} s "
+        f"({100 * stats['host_s'] / stats['wall_s']:.1f}%), "
+        f"{1e3 * stats['host_s'] / stats['chunks']:.1f} ms per chunk; decode step "
+        f"{1e3 * (stats['wall_s'] - stats['host_s']) / stats['decode_steps']:.1f} ms "
+        f"(incl. admissions)")
   fixed = np.full_like(budgets, int(args.mean))
   fixed_s, _ = timed(engine.generate, prompts, lengths, fixed, int(args.mean), g,
                      warm=args.prefill_contexts)

@@ -343,7 +343,8 @@ def lower_programs(config: ml_collections.ConfigDict, model_config: ModelConfig,
       eos = tuple(sorted(set(model_config.eos_token_ids))) or (0,)
       decode = sampler._decode_fn(b, lp, g, n, method, eos)  # pylint: disable=protected-access
       key = jax.eval_shape(lambda: jax.random.key(0))
-      lowered["sampler_decode"] = decode.lower(params, logits, cache, i32(b), i32(), key)
+      lowered["sampler_decode"] = decode.lower(params, logits, cache, i32(b), i32(b * g), i32(),
+                                               key)
 
   if "train_step" in programs:
     rpt = RPTConfig.from_config(config)

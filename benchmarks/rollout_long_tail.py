@@ -133,7 +133,7 @@ def main() -> None:
   p.add_argument("--slots", type=int, default=128, help="the engine's decode slots")
   p.add_argument("--prefill-contexts", type=int, default=1)
   p.add_argument("--chunk-steps", type=int, default=16)
-  p.add_argument("--static-micro", default="2,4",
+  p.add_argument("--static-micro", default="1,2,4",
                  help="static micro-batch sizes (contexts) to try")
   p.add_argument("--hf-contexts", type=int, default=4, help="0 skips HF continuous batching")
   args = p.parse_args()

@@ -72,7 +72,7 @@ def _eos_mask(tokens: Array, eos: tuple[int, ...]) -> Array:
 class SlotPrograms:
   """Builds (and caches) the slot programs for one `Sampler`-like owner: its graphdef, config,
   mesh, rules, pad id, `_compute_params`, `_sharding`, `_cache_sharding`, `_param_shardings`,
-  `_jit`, `_fns` and `trace_counts` (the SlotEngine passes itself)."""
+  `_fns` and `trace_counts` (the SlotEngine passes itself)."""
 
   def __init__(self, owner):
     self.o = owner

@@ -12,6 +12,9 @@ rollouts from the static `Sampler` (micro-batch = all contexts) and from the `Sl
 (--slots decode slots), and prints both rollout times. The trainer is untouched: its
 `sampler` is replaced by a stand-in that draws the budgets (the trainer itself passes one
 max_new_tokens to every row).
+  Measured (`--long-tail --steps 1 --contexts 8 --slots 32`, 64 rows, same load as below):
+  rollout static 30.1 s, SlotEngine 5.6 s (5.4x); train step 171 / 68 s (the same work: the
+  spread is the load).
 
 Workloads (random-init Qwen2 policies, 16 contexts x G=8 rollouts, 256-token prompts, 64-token
 responses, temperature 0.8, no early stop):

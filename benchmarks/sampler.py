@@ -121,14 +121,16 @@ def run(name: str, args) -> None:  # pylint: disable=protected-access
     prefill = prefill_jit.lower(params, tok, lens).compile()
     shapes = jax.eval_shape(prefill_jit, params, tok, lens)
     decode_jit = sampler._decode_fn(pre_rows, l, g if shared else 1, n, method, ())
-    decode = decode_jit.lower(params, *shapes, lens, jnp.int32(0), rng).compile()
+    budgets = np.full((rows,), n, np.int32)  # Every row runs all N tokens.
+    decode = decode_jit.lower(params, *shapes, lens, budgets, jnp.int32(0), rng).compile()
     compile_s = time.perf_counter() - start
     t_prefill, (logits, cache) = _time(prefill, params, tok, lens, repeats=args.repeats)
-    t_decode, out = _time(decode, params, logits, cache, lens, jnp.int32(0), rng,
+    t_decode, out = _time(decode, params, logits, cache, lens, budgets, jnp.int32(0), rng,
                           repeats=args.repeats)
     assert int(out.num_steps) == n and out.tokens.shape == (rows, n)
     if shared:  # Kept for the roofline pairs below.
-      decode_call = lambda d=decode, a=(params, logits, cache, lens, jnp.int32(0), rng): d(*a)
+      decode_call = lambda d=decode, a=(params, logits, cache, lens, budgets, jnp.int32(0),
+                                        rng): d(*a)
     del logits, cache, out
     results[label] = dict(prefill=t_prefill, decode=t_decode, total=t_prefill + t_decode,
                           compile=compile_s)

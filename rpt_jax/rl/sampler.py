@@ -7,9 +7,11 @@
   decode   repeat the cache G times along batch (row b -> rows b*G .. b*G+G-1), pad it to L + N
            slots, sample the first token from the prefill logits, then ONE `jax.lax.while_loop`
            that feeds the last token at its row's own position, samples the next, and exits when
-           every row has emitted an EOS id or N tokens exist.
+           every row has emitted an EOS id or reached its token budget (N, or its own value of a
+           per-row `max_new_tokens`).
 
-Shapes never depend on data: one compile per (micro-batch B, L, N, G, sampling method, EOS ids);
+Shapes never depend on data: one compile per (micro-batch B, L, N, G, sampling method, EOS ids),
+N being the largest budget;
 fresh parameters every call (`params=`) reuse the compiled programs. The cache is born and dies
 inside the decode program, and the per-step scatter of the new keys/values updates the loop
 carry in place; the cache is stored [B, KVH, S, Dh], the order attention reads it in, so no
@@ -60,10 +62,11 @@ class SampleOutput:
 
   tokens:    [B*G, N] int32, pad_id after the EOS token.
   logprobs:  [B*G, N] fp32, log softmax(logits / T) at each token (T = 1 when greedy); 0 after EOS.
-  lengths:   [B*G] int32, generated tokens including the EOS token (N when no EOS came).
+  lengths:   [B*G] int32, generated tokens including the EOS token (the row's budget when no EOS
+             came).
   done:      [B*G] bool, whether the row emitted an EOS id.
-  num_steps: [] int32, token positions the decode loop ran (max over micro-batches); below N
-             when every row finished early.
+  num_steps: [] int32, token positions the decode loop ran (max over micro-batches; the slot
+             engine reports max(lengths)); below N when every row finished early.
   """
 
   tokens: Array
@@ -100,14 +103,17 @@ class Sampler:
   # ---- public --------------------------------------------------------------------------------
 
   def generate(self, prompt_tokens: Array | np.ndarray, prompt_lengths: Array | np.ndarray, *,
-               num_samples: int, max_new_tokens: int, temperature: float, top_k: int = 0,
+               num_samples: int, max_new_tokens: int | Sequence[int] | np.ndarray,
+               temperature: float, top_k: int = 0,
                top_p: float = 1.0, eos_ids: Sequence[int] = (), rng: Array,
                params: Any = None, micro_batch: int | None = None,
-               shared_prefill: bool = True) -> SampleOutput:
-    """Samples `num_samples` (G) completions of up to `max_new_tokens` (N) per prompt.
+               shared_prefill: bool = True, cache_tokens: int | None = None) -> SampleOutput:
+    """Samples `num_samples` (G) completions of up to `max_new_tokens` per prompt.
 
     prompt_tokens: [B, L] int, right-padded (L is the static bucket length).
     prompt_lengths: [B] int in [1, L].
+    max_new_tokens: one budget for every row, or one per row [B*G] (row i*G+g: sample g of
+      context i); the cache holds N = the largest, and a row stops after its own budget.
     temperature: 0 is greedy; top_k (0 off) / top_p (1.0 off) truncate the sampling distribution
       (log-probs stay those of the untruncated softmax(logits / T); see `rpt_jax.rl.sampling`).
     rng: a JAX key; callers fold in their step so no two calls share draws.
@@ -117,10 +123,13 @@ class Sampler:
       runs all B at once.
     shared_prefill: False prefills every one of the B*G rows separately (a baseline for tests
       and benchmarks; identical results up to float rounding).
+    cache_tokens: N, the response positions the cache holds (default: the largest budget);
+      fixing it keeps one compile while per-row budgets change (e.g. a decaying thought budget).
     """
-    b, l = self._check(prompt_tokens, prompt_lengths, num_samples, max_new_tokens, micro_batch)
+    b, l = self._check(prompt_tokens, prompt_lengths, num_samples, micro_batch)
     method = Sampling(float(temperature), int(top_k), float(top_p))
-    g, n = int(num_samples), int(max_new_tokens)
+    g = int(num_samples)
+    budgets_R, n = self.row_budgets(max_new_tokens, b * g, l, cache_tokens)
     mb = min(micro_batch or b, b)
     eos = tuple(sorted({int(e) for e in eos_ids}))
     params = self._place_params(self.params if params is None else params)
@@ -131,6 +140,7 @@ class Sampler:
       extra = chunks * mb - b
       tokens_BL = jnp.pad(tokens_BL, ((0, extra), (0, 0)), constant_values=self.pad_id)
       lengths_B = jnp.pad(lengths_B, (0, extra), constant_values=1)
+      budgets_R = np.pad(budgets_R, (0, extra * g), constant_values=1)
     repeat = g if shared_prefill else 1
     prefill_rows = mb if shared_prefill else mb * g
     prefill = self._prefill_fn(prefill_rows, l)
@@ -143,8 +153,11 @@ class Sampler:
         lens = jax.device_put(lens, self._sharding(("batch",), lens.shape))
       if not shared_prefill:
         tok, lens = jnp.repeat(tok, g, axis=0), jnp.repeat(lens, g, axis=0)
+      budget = budgets_R[i * mb * g:(i + 1) * mb * g]
+      if self.mesh is not None:
+        budget = jax.device_put(budget, self._sharding(("batch",), budget.shape))
       logits_BV, cache = prefill(params, tok, lens)
-      outs.append(decode(params, logits_BV, cache, lens, jnp.int32(i * mb * g), rng))
+      outs.append(decode(params, logits_BV, cache, lens, budget, jnp.int32(i * mb * g), rng))
     if len(outs) == 1:
       return outs[0]
     rows = b * g
@@ -177,7 +190,8 @@ class Sampler:
                              tuple(sorted({int(e) for e in eos_ids})) or (0,))
     key = jax.eval_shape(lambda: jax.random.key(0))
     return {"prefill": prefill.lower(params, i32(contexts, prompt_len), i32(contexts)),
-            "decode": decode.lower(params, logits, cache, i32(contexts), i32(), key)}
+            "decode": decode.lower(params, logits, cache, i32(contexts),
+                                   i32(contexts * int(num_samples)), i32(), key)}
 
   # ---- programs ------------------------------------------------------------------------------
 
@@ -252,7 +266,7 @@ class Sampler:
         return jnp.zeros(tokens_R.shape, bool)
       return jnp.any(tokens_R[:, None] == eos_E[None, :], axis=-1)
 
-    def decode(params, logits_BV, cache, prompt_lengths_B, row_offset, rng):
+    def decode(params, logits_BV, cache, prompt_lengths_B, budgets_R, row_offset, rng):
       self.trace_counts["decode"] += 1
       model = nnx.merge(self.graphdef, self._compute_params(params))
       # Row b of the prefill becomes rows b*repeat .. b*repeat+repeat-1, with N empty slots after
@@ -268,30 +282,32 @@ class Sampler:
                                     row_uniforms(rng, 0, row_ids_R), method)
       tokens_RN = jnp.full((rows, n), pad_id, jnp.int32).at[:, 0].set(tok_R)
       logprobs_RN = jnp.zeros((rows, n), jnp.float32).at[:, 0].set(logp_R)
-      carry = (jnp.int32(1), tok_R, is_eos(tok_R), jnp.ones((rows,), jnp.int32), tokens_RN,
-               logprobs_RN, cache)
+      eos_R = is_eos(tok_R)
+      carry = (jnp.int32(1), tok_R, eos_R, eos_R | (budgets_R <= 1), jnp.ones((rows,), jnp.int32),
+               tokens_RN, logprobs_RN, cache)
 
       def cond(carry):
-        t, _, done_R, *_ = carry
-        return (t < n) & ~jnp.all(done_R)
+        t, _, _, stop_R, *_ = carry
+        return (t < n) & ~jnp.all(stop_R)
 
       def body(carry):
-        t, tok_R, done_R, lengths_R, tokens_RN, logprobs_RN, cache = carry
+        t, tok_R, eos_R, stop_R, lengths_R, tokens_RN, logprobs_RN, cache = carry
         # Feed token t-1, which sits at position len + t - 1 of its row.
         positions_R1 = (plen_R + t - 1)[:, None]
         hidden, cache = model.hidden_states(tok_R[:, None], positions_R1, None, cache=cache)
         new_R, logp_R = sample_tokens(model.logits(hidden)[:, 0], row_uniforms(rng, t, row_ids_R),
                                       method)
-        new_R = jnp.where(done_R, pad_id, new_R)
-        logp_R = jnp.where(done_R, 0.0, logp_R)
+        new_R = jnp.where(stop_R, pad_id, new_R)
+        logp_R = jnp.where(stop_R, 0.0, logp_R)
         tokens_RN = jax.lax.dynamic_update_slice(tokens_RN, new_R[:, None], (0, t))
         logprobs_RN = jax.lax.dynamic_update_slice(logprobs_RN, logp_R[:, None], (0, t))
-        lengths_R = lengths_R + (~done_R).astype(jnp.int32)
-        done_R = done_R | is_eos(new_R)
-        return t + 1, new_R, done_R, lengths_R, tokens_RN, logprobs_RN, cache
+        lengths_R = lengths_R + (~stop_R).astype(jnp.int32)
+        eos_R = eos_R | is_eos(new_R)
+        stop_R = stop_R | eos_R | (lengths_R >= budgets_R)
+        return t + 1, new_R, eos_R, stop_R, lengths_R, tokens_RN, logprobs_RN, cache
 
-      t, _, done_R, lengths_R, tokens_RN, logprobs_RN, _ = jax.lax.while_loop(cond, body, carry)
-      return SampleOutput(tokens=tokens_RN, logprobs=logprobs_RN, lengths=lengths_R, done=done_R,
+      t, _, eos_R, _, lengths_R, tokens_RN, logprobs_RN, _ = jax.lax.while_loop(cond, body, carry)
+      return SampleOutput(tokens=tokens_RN, logprobs=logprobs_RN, lengths=lengths_R, done=eos_R,
                           num_steps=t)
 
     shardings = None
@@ -302,7 +318,7 @@ class Sampler:
       shardings = (
           (self._param_shardings(self.params),
            self._sharding(("batch", "vocab"), (b, cfg.vocab_size)), self._cache_sharding(b, l),
-           self._sharding(("batch",), (b,)), replicated, replicated),
+           self._sharding(("batch",), (b,)), row, replicated, replicated),
           SampleOutput(tokens=row_n, logprobs=row_n, lengths=row, done=row,
                        num_steps=replicated))
     fn = self._jit(decode, *(shardings or (None, None)))
@@ -311,7 +327,26 @@ class Sampler:
 
   # ---- checks --------------------------------------------------------------------------------
 
-  def _check(self, prompt_tokens, prompt_lengths, num_samples, max_new_tokens, micro_batch):
+  def row_budgets(self, max_new_tokens, rows: int, prompt_len: int,
+                  cache_tokens: int | None = None) -> tuple[np.ndarray, int]:
+    """(`max_new_tokens` (one int, or one per row) as [rows] int32, the cache's response
+    positions N), checked against the model's context length."""
+    budgets = np.asarray(max_new_tokens)
+    if budgets.ndim == 0:
+      budgets = np.full((rows,), budgets)
+    if budgets.shape != (rows,) or not np.issubdtype(budgets.dtype, np.integer):
+      raise ValueError(f"max_new_tokens has shape {budgets.shape}, dtype {budgets.dtype}; pass one "
+                       f"int or one int per row (shape ({rows},) = contexts x num_samples).")
+    if budgets.min() < 1:
+      raise ValueError(f"max_new_tokens={budgets.min()} must be >= 1.")
+    n = int(budgets.max()) if cache_tokens is None else int(cache_tokens)
+    if n < budgets.max():
+      raise ValueError(f"cache_tokens={cache_tokens} is below the largest max_new_tokens "
+                       f"({budgets.max()}); raise it or leave it None.")
+    self.config.check_context_length(prompt_len + n)
+    return budgets.astype(np.int32), n
+
+  def _check(self, prompt_tokens, prompt_lengths, num_samples, micro_batch):
     shape = np.shape(prompt_tokens)
     if len(shape) != 2:
       raise ValueError(f"prompt_tokens has shape {shape}; pass a [batch, length] array of ids.")
@@ -324,10 +359,8 @@ class Sampler:
       if lengths.size and (lengths.min() < 1 or lengths.max() > l):
         raise ValueError(f"prompt_lengths must lie in [1, {l}] (the padded length); got min "
                          f"{lengths.min()}, max {lengths.max()}.")
-    for name, value in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens)):
-      if int(value) < 1:
-        raise ValueError(f"{name}={value} must be >= 1.")
+    if int(num_samples) < 1:
+      raise ValueError(f"num_samples={num_samples} must be >= 1.")
     if micro_batch is not None and int(micro_batch) < 1:
       raise ValueError(f"micro_batch={micro_batch} must be >= 1 (or None for one batch).")
-    self.config.check_context_length(l + int(max_new_tokens))
     return b, l

@@ -136,10 +136,12 @@ def sample_tokens(logits_BV: Array, u_B: Array, method: Sampling) -> tuple[Array
 def row_uniforms(rng: Array, step: Array | int, row_ids_B: Array) -> Array:
   """Uniforms in (0, 1], one per row, from fold_in(fold_in(rng, step), global row id).
 
-  Keying by the global row id makes a row's draws independent of how the batch is split into
-  micro-batches or shards.
+  Keying by the global row id and the row's own token index makes a row's draws independent of
+  how rows are split into micro-batches, shards or decode slots. rng: one key, or one per row
+  [B]; step: one token index, or one per row [B] (rows of a slot engine are at different steps).
   """
-  step_key = jax.random.fold_in(rng, step)
-  keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(row_ids_B)
+  steps_B = jnp.broadcast_to(jnp.asarray(step, jnp.int32), row_ids_B.shape)
+  one = lambda key, t, r: jax.random.fold_in(jax.random.fold_in(key, t), r)  # noqa: E731
+  keys = jax.vmap(one, in_axes=(0 if rng.ndim else None, 0, 0))(rng, steps_B, row_ids_B)
   # uniform is in [0, 1); 1 - u is in (0, 1], as inverse_cdf needs.
   return 1.0 - jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)

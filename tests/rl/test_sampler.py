@@ -272,6 +272,37 @@ def test_eos_rows_stop_and_pad(all_finish, models, greedy_qwen2):
     assert not want_done.all() and int(out.num_steps) == n
 
 
+def test_per_row_budgets_truncate_each_row(models):
+  """Budgets per row: each row is the uniform-budget row cut at its own budget (or its EOS),
+  padded after; the loop runs to the largest live budget; cache_tokens keeps one compile."""
+  _, _, model, _ = models["qwen2"]
+  sampler = Sampler(model)
+  tokens, lengths = _prompts(seed=4)
+  kwargs = dict(num_samples=2, temperature=0.8, rng=jax.random.key(6))
+  full = sampler.generate(tokens, lengths, max_new_tokens=8, **kwargs)
+  full_tok, full_logp = np.asarray(full.tokens), np.asarray(full.logprobs)
+  eos = {int(full_tok[1, 1])}
+  budgets = np.array([3, 8, 1, 5, 2, 6], np.int32)
+  out = sampler.generate(tokens, lengths, max_new_tokens=budgets, eos_ids=sorted(eos),
+                         cache_tokens=8, **kwargs)
+  want_tok, want_logp, want_len, want_done = _expected_with_eos(full_tok, full_logp, eos, 0, 8)
+  cut = np.arange(8)[None] >= budgets[:, None]
+  want_tok[cut], want_logp[cut] = 0, 0.0
+  want_done &= want_len <= budgets
+  want_len = np.minimum(want_len, budgets)
+  np.testing.assert_array_equal(np.asarray(out.tokens), want_tok)
+  np.testing.assert_allclose(np.asarray(out.logprobs), want_logp, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(out.lengths), want_len)
+  np.testing.assert_array_equal(np.asarray(out.done), want_done)
+  assert int(out.num_steps) == want_len.max()
+  counts = dict(sampler.trace_counts)
+  sampler.generate(tokens, lengths, max_new_tokens=budgets[::-1].copy(), cache_tokens=8,
+                   **kwargs)
+  assert dict(sampler.trace_counts) == counts
+  with pytest.raises(ValueError, match=r"one int per row \(shape \(6,\)"):
+    sampler.generate(tokens, lengths, max_new_tokens=budgets[:4], **kwargs)
+
+
 def test_micro_batches_match_one_batch_and_compile_once(models):
   _, _, model, _ = models["qwen2"]
   sampler = Sampler(model)  # Fresh, so its trace counts start at zero.

@@ -272,7 +272,7 @@ def reasoning_accuracy(sampler, tokenizer, positions: Sequence[PositionRecord], 
     out = sampler.generate(tokens, prompt_lengths, num_samples=num_samples,
                            max_new_tokens=max_new_tokens, temperature=temperature,
                            eos_ids=stop_ids, rng=jax.random.fold_in(rng, b), params=params,
-                           micro_batch=micro_batch)
+                           **({} if micro_batch is None else {"micro_batch": micro_batch}))
     # Context j owns rows j*G .. j*G+G-1; rows past the real contexts are dropped.
     real = len(rows) * num_samples
     out_tokens, out_lengths, out_done = (_host(x)[:real] for x in (out.tokens, out.lengths,

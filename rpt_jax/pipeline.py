@@ -28,7 +28,6 @@ from rpt_jax.data.pipeline import PromptLoader, read_manifest
 from rpt_jax.data.sources import iter_documents
 from rpt_jax.metrics import MetricsWriter
 from rpt_jax.model import hf_io
-from rpt_jax.rl.sampler import Sampler
 from rpt_jax.spec import RunSpec, VocabFacts
 from rpt_jax.train import RPTTrainer
 
@@ -188,8 +187,8 @@ class Run:
   def evaluate(self, label: str | None = None) -> dict:
     step = self._load_rpt_params()
     label = label or f"step_{step}"
-    sampler = Sampler(self.model, mesh=self.mesh, rules=self.rules,
-                      pad_id=self.tokenizer.pad_id)
+    sampler = train_lib.make_rollout_sampler(self.model, self.spec.rpt.slots, mesh=self.mesh,
+                                             rules=self.rules, pad_id=self.tokenizer.pad_id)
     report = evaluate_lib.evaluate(self.model, self.tokenizer, sampler, self.records_dir,
                                    config=self.spec.eval, rng=jax.random.key(self.spec.seed + 1),
                                    mesh=self.mesh)

@@ -49,6 +49,7 @@ from rpt_jax.rl import train_state
 from rpt_jax.rl.loss import LossConfig
 from rpt_jax.rl import reward as reward_lib
 from rpt_jax.rl.reward import RewardBatch, score_rollouts
+from rpt_jax.rl.engine import SlotEngine
 from rpt_jax.rl.sampler import Sampler
 
 
@@ -71,6 +72,7 @@ class RPTConfig:
   dynamic_sampling_from_step: int = 500
   dynamic_sampling_max_tries: int = 4
   rollout_micro_batch: int = 64
+  decode_slots: int = 0
   train_micro_batch: int = 64
   shared_prefix: bool = True
   optimizer: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -97,6 +99,9 @@ class RPTConfig:
       value = getattr(self, field.split(".")[1])
       if value < 1:
         raise ValueError(f"{field}={value} must be >= 1.")
+    if self.decode_slots < 0:
+      raise ValueError(f"rl.decode_slots={self.decode_slots} must be >= 0 (0: "
+                       "rl.rollout_micro_batch x rl.num_generations).")
     if self.steps < 0 or self.dynamic_sampling_from_step < 0:
       raise ValueError(f"train.steps={self.steps} / rl.dynamic_sampling_from_step="
                        f"{self.dynamic_sampling_from_step} must be >= 0.")
@@ -112,6 +117,11 @@ class RPTConfig:
         check()
       except ValueError as e:
         raise ValueError(f"rl.{field}={getattr(self, field)!r}: {e}") from None
+
+  @property
+  def slots(self) -> int:
+    """Decode slots of the rollout engine (0 in the config: a micro-batch's rows)."""
+    return self.decode_slots or self.rollout_micro_contexts * self.num_generations
 
   @property
   def rollout_micro_contexts(self) -> int:
@@ -141,6 +151,16 @@ class Timer:
         timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.start
 
     return _Span()
+
+
+def make_rollout_sampler(model: nnx.Module, slots: int, **kwargs) -> Sampler:
+  """The rollout sampler: the continuous-batching `SlotEngine` with `slots` decode slots (rows
+  never wait for the longest one), or on several processes the static `Sampler` (the engine
+  schedules on its host and reads every prompt there: one process only, for now). Both give
+  the same tokens for the same rows (tests/rl/test_engine.py)."""
+  if jax.process_count() > 1:
+    return Sampler(model, **kwargs)
+  return SlotEngine(model, decode_slots=slots, **kwargs)
 
 
 def process_batch_rows(mesh: Mesh, rules: mesh_lib.ShardingRules, global_batch: int
@@ -182,7 +202,8 @@ class RPTTrainer:
         self.graphdef, config.loss, self.optimizer, num_generations=self.G,
         temperature=config.temperature, micro_batch_contexts=config.train_micro_contexts,
         shared_prefix=config.shared_prefix, mesh=mesh, rules=self.rules)
-    self.sampler = Sampler(model, mesh=mesh, rules=self.rules, pad_id=tokenizer.pad_id)
+    self.sampler = make_rollout_sampler(model, config.slots, mesh=mesh, rules=self.rules,
+                                        pad_id=tokenizer.pad_id)
     self.root_key = jax.random.key(config.seed)
     self.checkpointer = checkpointer or checkpoint_lib.Checkpointer(
         workdir, save_interval_steps=max(config.checkpoint_every, 1),
@@ -282,7 +303,9 @@ class RPTTrainer:
         self._to_global(batch.prompt_tokens), self._to_global(batch.prompt_lengths),
         num_samples=self.G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=tuple(self.tokenizer.stop_ids), rng=key,
-        params=self.state.params, micro_batch=cfg.rollout_micro_contexts)
+        params=self.state.params,
+        **({} if isinstance(self.sampler, SlotEngine) else
+           {"micro_batch": cfg.rollout_micro_contexts}))
     # Batch-sharded again (micro-batch outputs are concatenated) so each process reads its rows.
     rows = jax.device_put((out.tokens, out.lengths, out.done), self.batch_sharding)
     return tuple(host_rows.local_rows(x) for x in rows)

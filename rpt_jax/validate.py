@@ -55,7 +55,10 @@ def validate_run(spec, *, mode: str, num_devices: int, num_processes: int = 1) -
   _require(rpt.batch_contexts % num_processes == 0,
            f"rl.batch_contexts={rpt.batch_contexts} is not divisible by the {num_processes} "
            "processes; each process feeds an equal share.")
-  # The sampler shards contexts; the train step shards rollout rows (contexts x G).
+  # The engine shards slots, the static sampler contexts; the train step rollout rows.
+  _require(rpt.slots % ways == 0,
+           f"rl.decode_slots={rpt.decode_slots} gives {rpt.slots} decode slots, not a multiple "
+           f"of the {ways}-way batch split (data x fsdp); choose one that is.")
   for field, rows in (("rollout_micro_batch", rpt.rollout_micro_contexts),
                       ("train_micro_batch", rpt.train_micro_contexts * rpt.num_generations)):
     _require(rows % ways == 0,

@@ -171,6 +171,8 @@ def _run(config, workdir: str, mode: str) -> None:
                            num_processes=jax.process_count())
   from rpt_jax import pipeline  # After validation: imports the heavy machinery.
 
+  if mode == "all":
+    _check_heldout(config, run_dir.files_dir(workdir))
   run = pipeline.Run(config, workdir)
   result = {
       "all": run.run_all,
@@ -183,6 +185,15 @@ def _run(config, workdir: str, mode: str) -> None:
   if result is not None and jax.process_index() == 0:
     print(result if isinstance(result, str) else json.dumps(result, indent=2, default=str))
   sys.stdout.flush()
+
+
+def _check_heldout(config, files: str) -> None:
+  """Before a corpus is scored for `--mode=all`: its held-out split must get documents."""
+  from rpt_jax import assemble  # pylint: disable=g-import-not-at-top
+  from rpt_jax.data import prepare, sources  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(assemble.records_dir(config, files), prepare.MANIFEST)):
+    return  # Prepared already: evaluation reads its held-out records.
+  sources.check_heldout(assemble.source_config(config), config.data.eval_fraction, config.seed)
 
 
 if __name__ == "__main__":

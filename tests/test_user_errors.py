@@ -168,3 +168,49 @@ def test_hf_spelling_of_off_is_accepted():
   config.rl.top_k, config.rl.top_p = None, None
   main._hf_off_values(config)  # pylint: disable=protected-access
   assert (config.rl.top_k, config.rl.top_p) == (0, 1.0)
+
+
+_TWO_PROCESSES = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, pid = sys.argv[1], int(sys.argv[2])
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=pid)
+from jax.experimental import multihost_utils
+from rpt_jax import errors
+# Process 1 hits a bad input in its part of a stage; process 0 has none.
+error = errors.InputError("corpus file 'c.jsonl':3 is not valid JSON") if pid == 1 else None
+try:
+  errors.raise_together(error)
+  multihost_utils.sync_global_devices("the stage's next collective")
+  print("both continued")
+except errors.UserError as e:
+  print(f"rpt_jax: {e}")
+  sys.exit(errors.EXIT_USER_ERROR)
+"""
+
+
+def test_one_process_failing_stops_both_within_seconds(tmp_path):
+  """`errors.raise_together`: the process without an error does not wait in the next
+  collective for one that left; both exit 2, each saying why."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = micro_run.subprocess_env(num_devices=1)
+  start = time.monotonic()
+  procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, str(port), str(i)],
+                            cwd=micro_run.REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [2, 2], outs
+  assert time.monotonic() - start < 60  # start-up included; a hang would take the timeout
+  assert "process(es) [1] stopped on a user error" in outs[0]
+  assert "c.jsonl':3 is not valid JSON" in outs[1]

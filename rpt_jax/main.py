@@ -52,8 +52,15 @@ def initialize_distributed(config) -> None:
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
       # Cross-process collectives on CPU need gloo (the default CPU backend has none).
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=d.coordinator_address,
-                               num_processes=d.num_processes, process_id=d.process_id)
+    try:
+      jax.distributed.initialize(coordinator_address=d.coordinator_address,
+                                 num_processes=d.num_processes, process_id=d.process_id)
+    except (RuntimeError, ValueError) as e:  # The coordinator given cannot be reached or used.
+      raise errors.InputError(
+          f"distributed start-up with config.distributed (coordinator_address="
+          f"{d.coordinator_address!r}, num_processes={d.num_processes}, process_id="
+          f"{d.process_id}) failed ({errors.one_line(e, 300)}): check those three fields on "
+          "every process.") from e
   elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0 or os.environ.get(
       "MEGASCALE_COORDINATOR_ADDRESS"):
     jax.distributed.initialize()  # Multi-host TPU slice: JAX discovers its peers itself.

@@ -29,6 +29,9 @@ CASES = {
     "config_file_missing": (["--config=/no/such/config.py"], "/no/such/config.py"),
     # Devices.
     "mesh_vs_devices": (["--config.mesh.data=3", "--config.mesh.fsdp=1"], "mesh"),
+    "distributed": (["--config.distributed.coordinator_address=127.0.0.1:1",
+                     "--config.distributed.num_processes=2",
+                     "--config.distributed.process_id=5"], "config.distributed"),
     # Weights (model.hf_path).
     "model_missing": (lambda d: [f"--config.model.hf_path={d}/nowhere"], "nowhere"),
     "model_type": (lambda d: [f"--config.model.hf_path={d}/gemma"], "gemma/config.json"),

@@ -163,8 +163,12 @@ def _main(argv) -> None:
     from rpt_jax import compile_check
     print(json.dumps(compile_check.check_run_config(config), indent=2, default=str))
     return
-  check_workdir(workdir)
   initialize_distributed(config)
+  config = run_dir.localize_inputs(config)  # gs:// inputs through their bucket's gcsfuse mount
+  # Checked on the config alone, before anything (the workdir included) is created.
+  validate.validate_config(config, mode=_MODE.value, num_devices=jax.device_count(),
+                           num_processes=jax.process_count())
+  check_workdir(workdir)
   console.setup(run_dir.files_dir(workdir), jax.process_index())
   _run(config, workdir, _MODE.value)
   from rpt_jax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -173,9 +177,6 @@ def _main(argv) -> None:
 
 
 def _run(config, workdir: str, mode: str) -> None:
-  config = run_dir.localize_inputs(config)  # gs:// inputs through their bucket's gcsfuse mount
-  validate.validate_config(config, mode=mode, num_devices=jax.device_count(),
-                           num_processes=jax.process_count())
   from rpt_jax import pipeline  # After validation: imports the heavy machinery.
 
   if mode == "all":

@@ -149,9 +149,9 @@ def test_traceback_flag_shows_where_a_user_error_was_raised(inputs, config_path,
 
 def test_an_internal_error_keeps_its_traceback(tmp_path, config_path):
   # A bug (not a UserError) deep in a run: the traceback is printed and the exit code is 1.
-  code = ("import sys; from absl import app; from rpt_jax import main, validate\n"
+  code = ("import sys; from absl import app; from rpt_jax import main, pipeline\n"
           "def broken(*a, **k): raise KeyError('internal bug')\n"
-          "validate.validate_config = broken\n"
+          "pipeline.Run = broken\n"
           "app.run(main.main, flags_parser=main._parse_flags)\n")
   proc = subprocess.run([sys.executable, "-c", code, f"--config={config_path}",
                          f"--workdir={tmp_path / 'w'}", "--mode=prepare"],

@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
       max_documents=0,  # 0 = all
       # Longer documents (a whole file) are cut at paragraph ends into pieces of at most this
       # many characters, each a document (0 = never cut); see rpt_jax.data.sources.
-      max_document_chars=16000,
+      max_document_chars=8000,
       synthetic_documents=5000))  # built-in corpus size (~380 bytes per document)
   c.data.proxy_hf_path = ""  # empty = the policy itself scores positions
   c.data.filter = "entropy"  # 'entropy' | 'proxy_miss' | 'random' | 'all'

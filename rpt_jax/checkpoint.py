@@ -361,14 +361,15 @@ class Checkpointer:
   def damage(self, step: int, error: BaseException | None = None) -> str | None:
     """What makes `step` provably incomplete or corrupt, or None when it looks whole.
 
-    Checks that the step's metadata and every item folder exist and its JSON files parse; a
+    Checks that every item folder and the train state's metadata exist and parse; a
     restore `error` proves damage only when it says a file is missing or shorter than its
     metadata (FileNotFoundError, JSON that does not parse, tensorstore DATA_LOSS / NOT_FOUND /
     OUT_OF_RANGE), never for a storage error (any other OSError, UNAVAILABLE, ...).
     """
     step_dir = self.directory / str(step)
     try:
-      json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+      if (step_dir / "_CHECKPOINT_METADATA").exists():  # Optional: Orbax restores without it.
+        json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
       for item in _ITEMS:
         if not (step_dir / item).is_dir():
           return f"item {item}/ is missing"

@@ -44,6 +44,38 @@ class Preempted(Exception):
     self.step = step
 
 
+class OtherProcessError(UserError):
+  """Another process of a multi-host run stopped on a user error; this one stops with it."""
+
+
+def raise_together(error: BaseException | None) -> None:
+  """Every process of a run calls this at the same point with the error it hit there (or None):
+  all raise, or none does, so no process is left waiting in the next collective.
+
+  A process that failed raises its own error; the others raise `OtherProcessError` (the failure
+  was a UserError: each exits 2) or RuntimeError (it was a bug), naming the failed processes.
+  One `process_allgather` of an int; nothing in a single-process run.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  code = 0 if error is None else 1 if isinstance(error, UserError) else 2
+  codes = np.asarray(multihost_utils.process_allgather(np.int32(code))).reshape(-1)
+  if error is not None:
+    raise error
+  failed = [int(i) for i in np.flatnonzero(codes)]
+  if not failed:
+    return
+  if codes.max() == 1:
+    raise OtherProcessError(f"process(es) {failed} stopped on a user error (the line is in "
+                            "their output and logs): fix that input; every process stops.")
+  raise RuntimeError(f"process(es) {failed} failed (see their traceback); every process stops.")
+
+
 def one_line(error: BaseException, limit: int = 1000) -> str:
   """The error's message on one line (newlines folded), at most `limit` characters."""
   text = " ".join(str(error).split()) or type(error).__name__

@@ -53,8 +53,15 @@ def initialize_distributed(config) -> None:
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
       # Cross-process collectives on CPU need gloo (the default CPU backend has none).
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=d.coordinator_address,
-                               num_processes=d.num_processes, process_id=d.process_id)
+    try:
+      jax.distributed.initialize(coordinator_address=d.coordinator_address,
+                                 num_processes=d.num_processes, process_id=d.process_id)
+    except (RuntimeError, ValueError) as e:  # The coordinator given cannot be reached or used.
+      raise errors.InputError(
+          f"distributed start-up with config.distributed (coordinator_address="
+          f"{d.coordinator_address!r}, num_processes={d.num_processes}, process_id="
+          f"{d.process_id}) failed ({errors.one_line(e, 300)}): check those three fields on "
+          "every process.") from e
   elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0 or os.environ.get(
       "MEGASCALE_COORDINATOR_ADDRESS"):
     jax.distributed.initialize()  # Multi-host TPU slice: JAX discovers its peers itself.
@@ -158,10 +165,13 @@ def _main(argv) -> None:
     report = compile_check.check_run_config(spec_lib.RunSpec.from_config(config))
     print(json.dumps(report, indent=2, default=str))
     return
-  config = run_dir.localize_inputs(config)  # gs:// inputs through their bucket's gcsfuse mount
-  spec = spec_lib.RunSpec.from_config(config)  # Every config value checked before any file.
-  check_workdir(workdir)
   initialize_distributed(config)
+  config = run_dir.localize_inputs(config)  # gs:// inputs through their bucket's gcsfuse mount
+  # Checked on the config alone, before anything (the workdir included) is created.
+  spec = spec_lib.RunSpec.from_config(config)
+  validate.validate_run(spec, mode=_MODE.value, num_devices=jax.device_count(),
+                        num_processes=jax.process_count())
+  check_workdir(workdir)
   console.setup(run_dir.files_dir(workdir), jax.process_index())
   _run(spec, workdir, _MODE.value)
   from rpt_jax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -170,8 +180,6 @@ def _main(argv) -> None:
 
 
 def _run(spec: spec_lib.RunSpec, workdir: str, mode: str) -> None:
-  validate.validate_run(spec, mode=mode, num_devices=jax.device_count(),
-                        num_processes=jax.process_count())
   from rpt_jax import pipeline  # After validation: imports the heavy machinery.
 
   run = pipeline.Run(spec, workdir)

@@ -15,7 +15,8 @@ import jax
 from absl import logging
 from flax import nnx
 
-from rpt_jax import assemble, evaluate as evaluate_lib
+from rpt_jax import assemble, console, errors, evaluate as evaluate_lib
+from rpt_jax import export as export_lib
 from rpt_jax import report as report_lib
 from rpt_jax import run_dir
 from rpt_jax import checkpoint as checkpoint_lib
@@ -25,9 +26,9 @@ from rpt_jax import validate
 from rpt_jax.data import fingerprints
 from rpt_jax.data import prepare as prepare_lib
 from rpt_jax.data.pipeline import PromptLoader, read_manifest
+from rpt_jax.data import sources
 from rpt_jax.data.sources import iter_documents
 from rpt_jax.metrics import MetricsWriter
-from rpt_jax.model import hf_io
 from rpt_jax.spec import RunSpec, VocabFacts
 from rpt_jax.train import RPTTrainer
 
@@ -142,7 +143,7 @@ class Run:
             "tokenizer": fingerprints.tokenizer_identity(self.tokenizer)}
     for key, value in want.items():
       if found.get(key) != value:
-        raise ValueError(
+        raise errors.InputError(
             f"{self.records_dir!r} holds records prepared with another data {key}; use a new "
             "data.records_dir (or workdir) or delete that folder.")
     return manifest
@@ -165,6 +166,8 @@ class Run:
     trainer.restore(iterator)
     metrics = trainer.run(iterator)
     nnx.update(self.model, trainer.params())
+    if checkpoint_lib.stopped_at() is not None:  # SIGTERM: saved; no later stage runs.
+      raise errors.Preempted(checkpoint_lib.stopped_at())
     return {k: v for k, v in metrics.items() if k.startswith(("reward/", "train/loss"))}
 
   def _load_rpt_params(self) -> int:
@@ -202,25 +205,34 @@ class Run:
     return report
 
   def export(self, export_dir: str | None = None) -> dict:
+    """The policy as an HF checkpoint: weights, every tokenizer file, generation_config.json."""
     step = self._load_rpt_params()
     path = export_dir or assemble.workdir_path(self.files, "export")
-    hf_io.save_hf(self.model, self.model_config, path)
-    if jax.process_index() == 0 and hasattr(self.tokenizer, "name"):
-      _copy_tokenizer(self.tokenizer, path)
+    export_lib.export_hf(self.model, self.model_config, self.tokenizer, path)
     return {"exported_step": step, "path": path}
 
   def run_all(self) -> str:
     """The offline default end to end; returns the before/after report table."""
+    console.stage("tokenizer")
     _ = self.tokenizer
+    if self.spec.pretrain is not None:
+      console.stage(f"pretrain ({self.spec.pretrain.steps} steps)")
     self.pretrain()
+    if not os.path.exists(os.path.join(self.records_dir, prepare_lib.MANIFEST)):
+      # Evaluation follows: its held-out split must get documents (one line if not, now).
+      sources.check_heldout(self.spec.source, self.spec.prepare.eval_fraction, self.spec.seed)
+    console.stage("prepare: score and filter positions")
     self.prepare()
     before_path = os.path.join(self.files, "eval", "before_rpt.json")
     if os.path.exists(before_path):  # A resumed run keeps its first "before" measurement.
       with open(before_path) as f:
         before = json.load(f)["report"]
     else:
+      console.stage("evaluate before RPT")
       before = self.evaluate("before_rpt")
+    console.stage(f"RPT ({self.spec.rpt.steps} steps)")
     self.train()
+    console.stage("evaluate after RPT")
     after = self.evaluate("after_rpt")
     reports = {"before RPT": before, "after RPT": after}
     if jax.process_index() == 0:
@@ -231,18 +243,3 @@ class Run:
 def _sync(name: str) -> None:
   from jax.experimental import multihost_utils
   multihost_utils.sync_global_devices(f"rpt_jax:{name}")
-
-
-def _copy_tokenizer(tokenizer, path: str) -> None:
-  """Copies the tokenizer's files beside the exported weights when it came from files."""
-  import shutil
-  source = getattr(tokenizer, "path", None) or getattr(tokenizer, "name", None)
-  if not source or not os.path.exists(source):
-    return
-  if os.path.isdir(source):
-    for name in os.listdir(source):
-      if name.startswith("tokenizer") or name in ("special_tokens_map.json",
-                                                   "chat_template.jinja"):
-        shutil.copy2(os.path.join(source, name), path)
-  else:
-    shutil.copy2(source, path)

@@ -192,6 +192,7 @@ class RunSpec:
         kind=d.source.kind, path=d.source.path or None, field=d.source.field,
         name=d.source.name or None, data_dir=d.source.data_dir or None, split=d.source.split,
         max_documents=d.source.get("max_documents") or None,
+        max_document_chars=d.source.get("max_document_chars", 8000) or None,
         synthetic=SyntheticConfig(num_documents=d.source.synthetic_documents, seed=c.seed)))
     prepare = _section("data", lambda: PrepareConfig(
         source=source, filter=d.filter, entropy_threshold=d.entropy_threshold,

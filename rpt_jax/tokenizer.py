@@ -232,6 +232,7 @@ class SentencePieceTokenizer(Tokenizer):
                        "(train_sentencepiece does).")
     self.eos_id = self._sp.eos_id()
     self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+    self.unk_id = self._sp.unk_id() if self._sp.unk_id() >= 0 else None
     user_id = self._sp.piece_to_id(USER_MARKER)
     # Under the fallback template a generated "<|user|>" opens the next turn: stop there too.
     self.stop_ids = self._end_of_turn_ids(
@@ -243,6 +244,10 @@ class SentencePieceTokenizer(Tokenizer):
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
+
+  def id_to_piece(self, token_id: int) -> str:
+    """The piece (SentencePiece's spelling, '▁' for a space) of `token_id`."""
+    return self._sp.id_to_piece(token_id)
 
   def token_bytes(self, token_id: int) -> bytes:
     cached = self._token_bytes[token_id]

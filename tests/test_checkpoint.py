@@ -1,4 +1,5 @@
 """Checkpointer: sharded round trips, resharding on restore, retention, corruption, SIGKILL."""
+import errno
 import glob
 import json
 import logging
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rpt_jax import checkpoint
+import micro_run
+from rpt_jax import checkpoint, errors
 from rpt_jax.mesh import MeshConfig, make_mesh
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,7 +169,13 @@ def _delete_data_state(step_dir):
   os.remove(f"{step_dir}/data/process_0-of-1.json")
 
 
-@pytest.mark.parametrize("corrupt", [_truncate_array_files, _delete_data_state])
+def _truncate_metadata(step_dir):
+  path = f"{step_dir}/train_state/_METADATA"
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("corrupt", [_truncate_array_files, _delete_data_state,
+                                     _truncate_metadata])
 def test_corrupt_latest_falls_back_to_previous(tmp_path, mesh8, caplog, corrupt):
   with checkpoint.Checkpointer(tmp_path) as ckpt:
     ckpt.save(1, _device_state(mesh8, 1), data_state=b"one")
@@ -179,6 +187,35 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, mesh8, caplog, corrupt)
   assert step == 1 and data_state == b"one"
   _assert_state_equals(state, 1, mesh8)
   assert any("step 2" in r.getMessage() and "previous" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.EIO, "Input/output error"),
+    ValueError("UNAVAILABLE: Error reading local file: connection reset by peer"),
+    ValueError("DEADLINE_EXCEEDED: gs://bucket/run/checkpoints/2/train_state"),
+])
+def test_a_read_error_of_a_whole_step_raises_instead_of_rewinding(tmp_path, mesh8, error):
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, _device_state(mesh8, 1), data_state=b"one")
+    ckpt.save(2, _device_state(mesh8, 2), data_state=b"two")
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    real_restore = ckpt._manager.restore  # pylint: disable=protected-access
+
+    def flaky(step, *args, **kwargs):  # storage fails while reading step 2, whose files are whole
+      if step == 2:
+        raise error
+      return real_restore(step, *args, **kwargs)
+
+    ckpt._manager.restore = flaky  # pylint: disable=protected-access
+    with pytest.raises(checkpoint.CheckpointRestoreError,
+                       match=r"step 2 .* cannot be read .* look complete") as raised:
+      ckpt.restore_latest(_abstract(mesh8))
+    assert raised.value.__cause__ is error
+    assert isinstance(raised.value, errors.UserError)  # one line from rpt_jax.main, exit 2
+    ckpt._manager.restore = real_restore  # pylint: disable=protected-access
+    step, state, data_state, _ = ckpt.restore_latest(_abstract(mesh8))  # storage is back
+  assert (step, data_state) == (2, b"two")
+  _assert_state_equals(state, 2, mesh8)
 
 
 def test_no_checkpoint_returns_none_and_all_corrupt_raises(tmp_path, mesh8):
@@ -218,9 +255,34 @@ def test_sigterm_sets_stop_flag(tmp_path):
     assert ckpt.install_sigterm_handler()
     os.kill(os.getpid(), signal.SIGTERM)
     assert ckpt.should_stop(5)
+    assert checkpoint.stopped_at() == 5  # what rpt_jax.main turns into EXIT_PREEMPTED
     ckpt.close()
   finally:
     signal.signal(signal.SIGTERM, previous)
+    checkpoint._stopped_at.clear()  # pylint: disable=protected-access
+
+
+def test_sigterm_ends_a_run_with_the_preemption_exit_code(tmp_path_factory):
+  """`python -m rpt_jax.main` stopped by SIGTERM mid-training saves, then exits 75."""
+  workdir = micro_run.prepared_workdir(tmp_path_factory, "preempted")
+  config = micro_run.write_config(str(tmp_path_factory.mktemp("config") / "long.py"),
+                                  {"train.steps": 500})
+  proc = subprocess.Popen(micro_run.main_command(config, workdir, "--mode=train"),
+                          cwd=REPO_ROOT, env=micro_run.subprocess_env(), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  try:
+    micro_run.wait_for_train_step(workdir, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == errors.EXIT_PREEMPTED == 75, stderr[-3000:]
+  assert "Traceback" not in stderr
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert 1 <= saved[-1] < 500
+  assert f"stopped at step {saved[-1]} on SIGTERM" in stderr.strip().splitlines()[-1]
 
 
 # A child process saves step 1, then starts a large asynchronous save of step 2 and reports it;

@@ -100,7 +100,8 @@ def test_export_loads_in_transformers_with_the_same_logits(finished, config_path
   export_dir = str(tmp_path / "hf")
   proc = micro_run.run_main(config_path, workdir, "--mode=export", f"--export_dir={export_dir}")
   assert json.loads(proc.stdout[proc.stdout.index("{"):])["exported_step"] == STEPS
-  assert os.path.exists(os.path.join(export_dir, "spm.model"))  # the tokenizer travels along
+  for name in ("tokenizer.model", "tokenizer_config.json", "generation_config.json"):
+    assert os.path.exists(os.path.join(export_dir, name)), name  # the tokenizer travels along
 
   # Our side: the policy as the trainer restores it from the last RPT checkpoint.
   from rpt_jax import pipeline

@@ -436,6 +436,87 @@ def test_run_reports_a_job_that_dies_at_once(env, tmp_path):
   assert 'the job exited within 0.3s' in result.stderr
 
 
+# A job that is preempted twice (rpt_jax's exit code 75), then finishes.
+PREEMPTED_JOB_PYTHON = r'''#!{python}
+import os, sys
+from pathlib import Path
+runs = Path(os.environ['HOME'], 'runs.txt')
+n = len(runs.read_text().splitlines()) if runs.exists() else 0
+with runs.open('a') as f:
+  f.write(' '.join(sys.argv[1:]) + '\n')
+print('run', n, flush=True)
+sys.exit(75 if n < 2 else 0)
+'''
+
+
+@pytest.mark.parametrize('max_restarts, runs', [(None, 3), ('1', 2)])
+def test_run_restarts_a_preempted_job(env, tmp_path, max_restarts, runs):
+  """Exit 75 (stopped on SIGTERM/preemption after a checkpoint) starts the job again."""
+  workers = tmp_path / 'workers'
+  home = workers / 'worker-0'
+  (home / 'rpt_jax').mkdir(parents=True)
+  python = home / 'rpt_jax_venv' / 'bin' / 'python'
+  python.parent.mkdir(parents=True)
+  python.write_text(PREEMPTED_JOB_PYTHON.format(python=sys.executable))
+  python.chmod(0o755)
+  args = ['my-tpu', '--workdir=gs://b/r']
+  if max_restarts is not None:
+    args.append(f'--env=RPT_MAX_RESTARTS={max_restarts}')
+  result = run('run.sh', *args, env=env,
+               extra_env={'FAKE_WORKERS_DIR': str(workers), 'RPT_START_GRACE': '0'})
+  assert result.returncode == 0, result.stderr
+  pid = int((home / 'rpt_jax_logs' / 'job.pid').read_text())
+  deadline = time.time() + 30
+  while _alive(pid) and time.time() < deadline:
+    time.sleep(0.05)
+  assert not _alive(pid)
+  lines = (home / 'runs.txt').read_text().splitlines()
+  assert len(lines) == runs and len(set(lines)) == 1  # the same command each time
+  log = (home / 'rpt_jax_logs' / 'worker-0.log').read_text()
+  assert [f'run {i}' for i in range(runs)] == re.findall(r'^run \d+$', log, re.M)
+  assert len(re.findall(r'exit 75 \(preempted; checkpoint saved\): restart', log)) == runs - 1
+
+
+def test_stop_does_not_restart_a_job_that_exits_75(env, tmp_path):
+  """stop.sh's SIGTERM makes rpt_jax save and exit 75: that is the end, not a restart."""
+  workers = tmp_path / 'workers'
+  home = workers / 'worker-0'
+  (home / 'rpt_jax').mkdir(parents=True)
+  python = home / 'rpt_jax_venv' / 'bin' / 'python'
+  python.parent.mkdir(parents=True)
+  python.write_text(SIGTERM_SAVING_JOB_PYTHON.format(python=sys.executable))
+  python.chmod(0o755)
+  pod = {'FAKE_WORKERS_DIR': str(workers), 'RPT_START_GRACE': '0.5'}
+  assert run('run.sh', 'my-tpu', '--workdir=gs://b/r', env=env, extra_env=pod).returncode == 0
+  pid = int((home / 'rpt_jax_logs' / 'job.pid').read_text())
+  try:
+    stop = run('stop.sh', 'my-tpu', '--timeout=20', env=env, extra_env=pod)
+    assert stop.returncode == 0, stop.stderr
+    assert not _alive(pid)
+    log = (home / 'rpt_jax_logs' / 'worker-0.log').read_text()
+    assert 'saved; exiting 75' in log and 'exit 75 (preempted' not in log
+    assert (home / 'runs.txt').read_text().splitlines() == ['started']
+  finally:
+    if _alive(pid):
+      os.killpg(pid, 9)
+
+
+# Saves for a moment on SIGTERM, then exits 75, as rpt_jax does.
+SIGTERM_SAVING_JOB_PYTHON = r'''#!{python}
+import os, signal, sys, time
+from pathlib import Path
+with Path(os.environ['HOME'], 'runs.txt').open('a') as f:
+  f.write('started\n')
+def on_term(*_):
+  time.sleep(0.5)
+  print('saved; exiting 75', flush=True)
+  sys.exit(75)
+signal.signal(signal.SIGTERM, on_term)
+print('training', flush=True)
+time.sleep(120)
+'''
+
+
 # ---- delete ----
 
 def test_delete_with_yes(env):

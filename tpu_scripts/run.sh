@@ -20,6 +20,10 @@ session), with one log file per worker (LOG_DIR/worker-N.log, see logs.sh):
 Flags after -- go to rpt_jax.main unchanged, e.g. config overrides --config.train.steps=100.
 JAX finds the other hosts by itself on TPU (jax.distributed.initialize() without arguments),
 so there are no coordinator flags. Fails on a worker where a job is still running: stop.sh.
+A job that exits with code 75 (rpt_jax stopped on SIGTERM/preemption after saving a
+checkpoint) is started again on that worker and resumes from the checkpoint, at most
+RPT_MAX_RESTARTS times (default 100; --env RPT_MAX_RESTARTS=0 never restarts); stop.sh
+ends it for good.
 For a gs:// workdir, each worker first mounts its bucket with gcsfuse at MOUNT_ROOT/BUCKET
 (installed by setup.sh): checkpoints go to gs:// directly, the run's other files (tokenizer,
 records, metrics, eval) through the mount, so every host reads what another wrote. gs:// inputs

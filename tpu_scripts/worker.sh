@@ -311,10 +311,29 @@ cmd_start() {
   printf '==== %s worker %s: %s -m %s %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$WORKER_ID" \
     "$python" "$module" "$*" >>"$log_file"
   # setsid: the job leads its own process group (stop kills the group) and outlives the ssh
-  # session; the inner shell records its pid, then becomes python.
-  # shellcheck disable=SC2016  # $$ and $@ belong to the inner shell
-  PYTHONUNBUFFERED=1 setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$pid_file" \
-    "$python" -m "$module" "$@" >>"$log_file" 2>&1 </dev/null &
+  # session. The inner shell records its pid and runs python, again while it exits with
+  # rpt_jax's preemption code (75: stopped on SIGTERM/preemption after a checkpoint, resumes),
+  # at most RPT_MAX_RESTARTS times; a SIGTERM to the shell itself (stop.sh) ends the loop once
+  # python has saved and exited.
+  # shellcheck disable=SC2016  # $$, $@ and the loop belong to the inner shell
+  PYTHONUNBUFFERED=1 RPT_MAX_RESTARTS=${RPT_MAX_RESTARTS:-100} setsid nohup bash -c '
+    echo $$ >"$0"
+    stop=0 restarts=0
+    trap "stop=1" TERM
+    while :; do
+      "$@" &
+      child=$!
+      wait "$child"
+      rc=$?
+      while kill -0 "$child" 2>/dev/null; do  # a trapped SIGTERM interrupted the wait
+        wait "$child"
+        rc=$?
+      done
+      if ((stop || rc != 75 || restarts >= RPT_MAX_RESTARTS)); then exit "$rc"; fi
+      restarts=$((restarts + 1))
+      printf "==== %s exit 75 (preempted; checkpoint saved): restart %d of at most %d\n" \
+        "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$restarts" "$RPT_MAX_RESTARTS"
+    done' "$pid_file" "$python" -m "$module" "$@" >>"$log_file" 2>&1 </dev/null &
   local waited=0
   until [[ -s $pid_file ]] || ((waited >= 50)); do
     sleep 0.1

@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from rpt_jax.data.manifest import MANIFEST, MANIFEST_FORMAT
+from rpt_jax.errors import InputError, MissingInputError
 from rpt_jax.data.records import SPLITS, PositionRecord
 from rpt_jax.rl import prompts
 
@@ -82,13 +83,17 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
   """The manifest of a finished preparation; a clear error when there is none."""
   path = os.path.join(data_dir, MANIFEST)
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"{path} not found: {data_dir!r} is not a finished data preparation. Run "
         "rpt_jax.data.prepare.prepare(...) (it resumes an interrupted run) first.")
   with open(path) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != MANIFEST_FORMAT:
-    raise ValueError(f"{path} is not an rpt_jax position-record manifest.")
+    try:
+      manifest = json.load(f)
+    except json.JSONDecodeError:
+      manifest = None
+  if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    raise InputError(f"{path} is not an rpt_jax position-record manifest: point "
+                     "data.records_dir at a folder rpt_jax prepared, or delete that folder.")
   return manifest
 
 

@@ -37,6 +37,7 @@ import re
 import warnings
 from typing import Callable, Iterator
 
+from rpt_jax.data.records import document_split
 from rpt_jax.data.synthetic import SyntheticConfig, synthetic_documents
 from rpt_jax.errors import InputError, MissingInputError
 
@@ -44,7 +45,7 @@ _EXTENSIONS = {"text": (".txt",), "jsonl": (".jsonl",), "parquet": (".parquet",)
 # Where a long document may be cut, best first: after a paragraph (a blank-line run), after a
 # line, after a run of spaces.
 _BOUNDARIES = (re.compile(r"\n[ \t\r\f\v]*\n\s*"), re.compile(r"\n"), re.compile(r"\s+"))
-DEFAULT_MAX_DOCUMENT_CHARS = 16_000  # ~4k tokens: the paper's longest prompt
+DEFAULT_MAX_DOCUMENT_CHARS = 8_000  # ~2k tokens of English: half the paper's longest prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,3 +343,18 @@ def iter_documents(config: SourceConfig, stats: SourceStats | None = None) -> It
     raise InputError(
         f"corpus {where!r} (data.source, kind {config.kind!r}) has no non-empty documents "
         f"({stats.skipped_empty} empty skipped): check data.source.path and .field.")
+
+
+def check_heldout(config: SourceConfig, eval_fraction: float, seed: int) -> None:
+  """Raises InputError when `eval_fraction` puts none of the source's documents in the held-out
+  split (`records.document_split`), before anything is scored. Reads documents only until the
+  first held-out one (about 1 / eval_fraction of them)."""
+  count = 0
+  for count, _ in enumerate(iter_documents(config), start=1):
+    if document_split(count - 1, eval_fraction, seed) == "eval":
+      return
+  where = config.path or config.name or "the synthetic corpus"
+  raise InputError(
+      f"data.eval_fraction={eval_fraction} holds out none of the {count} documents of {where}, "
+      "so nothing could be evaluated: raise data.eval_fraction, or lower "
+      "data.source.max_document_chars so that the corpus gives more documents.")

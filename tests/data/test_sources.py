@@ -1,6 +1,7 @@
 """Corpus sources (text/JSONL/Parquet/TFDS/synthetic) and their error messages."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -192,3 +193,44 @@ def test_synthetic_corpus_is_deterministic_and_correct():
   answers = re.findall(r"(\d+) [-+] (\d+) = (\d+)\. The answer is (\d+)\.", text)
   assert answers and all(c == d for _, _, c, d in answers)
   assert docs(kind="synthetic", synthetic=cfg) == first
+
+
+def test_a_corpus_of_a_few_large_files_gives_held_out_positions_and_evaluates(tmp_path):
+  """Three large files of real English and code through `python -m rpt_jax.main`: cut into
+  bounded documents, some of them held out, and evaluation scores held-out positions."""
+  import argparse
+  import inspect
+  import textwrap
+
+  import micro_run
+  from pydoc_data import topics
+
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  english = "\n\n".join(list(topics.topics.values()))[:330_000]
+  files = {"python_docs.txt": english, "argparse.txt": inspect.getsource(argparse),
+           "textwrap.txt": inspect.getsource(textwrap) * 2}
+  for name, text in files.items():
+    (corpus / name).write_text(text)
+  total_chars = sum(len(t) for t in files.values())
+  config = micro_run.write_config(str(tmp_path / "micro.py"), {
+      "data.source.kind": "text", "data.source.path": str(corpus), "pretrain.steps": 0,
+      "eval.max_positions": 0,
+      # A tokenizer trained on English and code spends more tokens on the prompt template.
+      "data.prompt_buckets": (224,)})
+  workdir = str(tmp_path / "workdir")
+  micro_run.run_main(config, workdir, "--mode=prepare", timeout=900)
+  with open(os.path.join(workdir, "records", "manifest.json")) as f:
+    manifest = json.load(f)
+  documents = manifest["documents"]["read"]
+  # Bounded documents: at least one per max_document_chars of text, so many per file.
+  assert documents >= total_chars // sources.DEFAULT_MAX_DOCUMENT_CHARS >= 3 * len(files)
+  eval_counts = manifest["counts"]["eval"]
+  assert eval_counts["documents"] >= 1 and eval_counts["records"] >= 1
+  # Positions kept scale with the corpus: the per-document cap applies to each piece.
+  kept = sum(manifest["counts"][s]["records"] for s in ("train", "eval"))
+  assert kept > len(files) * micro_run.MICRO["data.max_positions_per_document"]
+
+  proc = micro_run.run_main(config, workdir, "--mode=eval", timeout=900)
+  report = json.loads(proc.stdout[proc.stdout.index("{"):])
+  assert report["all"]["num_positions"] == eval_counts["records"]

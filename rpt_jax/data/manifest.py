@@ -11,6 +11,7 @@ import warnings
 from typing import Any
 
 from rpt_jax.data import records
+from rpt_jax.errors import InputError, MissingInputError
 from rpt_jax.data.sources import SourceStats
 
 MANIFEST = "manifest.json"
@@ -79,7 +80,7 @@ def finish_manifest(identity, marker_paths, stats, config, progress_dir, out_dir
       break
     time.sleep(1.0)
   if missing:
-    raise FileNotFoundError(f"shard markers {missing} are missing after every shard was scored; "
+    raise MissingInputError(f"shard markers {missing} are missing after every shard was scored; "
                             "is out_dir on a file system all processes share?")
   manifest = build_manifest(identity, [read_json(p) for p in marker_paths], stats)
   short = manifest["documents"]["short"]
@@ -91,7 +92,7 @@ def finish_manifest(identity, marker_paths, stats, config, progress_dir, out_dir
     shutil.rmtree(progress_dir)
     if created:
       shutil.rmtree(out_dir, ignore_errors=True)
-    raise ValueError(
+    raise InputError(
         f"no position was selected from {stats.documents} documents ({short} shorter than "
         f"min_context_tokens={config.min_context_tokens} + 1 tokens, filter {config.filter!r}, "
         f"entropy_threshold={config.entropy_threshold}); lower min_context_tokens or the "

@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from rpt_jax import errors
 from rpt_jax.data import filtering, records
 from rpt_jax.data.fingerprints import proxy_identity, tokenizer_identity
 from rpt_jax.data.manifest import MANIFEST, finish_manifest, read_json, split_counts, write_json
@@ -176,9 +177,13 @@ class _ShardWork:
 def _process_shard(work: _ShardWork, config: PrepareConfig, scorer: filtering.ProxyScorer,
                    out_dir: str, *, num_batches: int | None = None,
                    write: bool = True) -> dict[str, Any] | None:
-  """Scores, filters and (when `write`) writes one document shard; returns its marker."""
-  ids, encoded, documents = work.ids, work.encoded, work.documents
-  usable = work.usable
+  """Scores, filters and (when `write`) writes one document shard; returns its marker.
+
+  A failure while filtering or writing (this process's own work) stops the writing but not the
+  scorer calls, which are collective: the loop runs to the end and then raises, so every process
+  reaches the same collectives whatever one of them hit.
+  """
+  documents, usable = work.documents, work.usable
   counts = {s: split_counts(config.bucket_thresholds) for s in records.SPLITS}
   marker = {"shard": work.shard, "documents": len(documents),
             "short_documents": len(documents) - len(usable), "positions_scored": 0,
@@ -187,33 +192,19 @@ def _process_shard(work: _ShardWork, config: PrepareConfig, scorer: filtering.Pr
   writers = {s: records.ShardWriter(os.path.join(out_dir, f"{s}-{work.shard:05d}.arrayrecord"))
              for s in records.SPLITS} if write else {}
   try:
-    scored = filtering.score_documents(scorer, [ids[i] for i in usable],
+    scored = filtering.score_documents(scorer, [work.ids[i] for i in usable],
                                        overlap=config.score_overlap, pad_id=work.pad_id,
                                        num_batches=num_batches)
+    failure: Exception | None = None
     for j, entropy_T, argmax_T in scored:
-      if not write:
-        continue  # A non-leader of a feed group: its scorer calls are all it owes.
-      i = usable[j]
-      doc_id = work.first_doc_id + i
-      correct_T = argmax_T == ids[i]
-      positions = filtering.select_positions(
-          entropy_T, correct_T, filter_name=config.filter, threshold=config.entropy_threshold,
-          min_context_tokens=config.min_context_tokens,
-          rng=filtering.document_rng(config.seed, doc_id),
-          max_positions=config.max_positions_per_document)
-      split = records.document_split(doc_id, config.eval_fraction, config.seed)
-      recs = records.make_records(
-          doc_id, ids[i], encoded[i][1], documents[i].encode("utf-8"), positions, entropy_T,
-          correct_T, filtering.difficulty_buckets(entropy_T, config.bucket_thresholds), split,
-          max_prompt_tokens=config.max_prompt_tokens,
-          completion_tokens=config.completion_tokens)
-      marker["positions_scored"] += int(np.sum(np.isfinite(entropy_T)))
-      marker["positions_selected"] += len(positions)
-      counts[split]["documents"] += 1
-      for r in recs:
-        writers[split].write(r)
-        counts[split]["buckets"][str(r.bucket)] += 1
-        marker["max_completion_bytes"] = max(marker["max_completion_bytes"], len(r.completion))
+      if not write or failure is not None:
+        continue  # A non-leader of a feed group (or a failed one): it owes the scorer calls.
+      try:
+        _write_document(work, usable[j], entropy_T, argmax_T, config, writers, counts, marker)
+      except Exception as e:  # pylint: disable=broad-except  # raised after the scorer calls
+        failure = e
+    if failure is not None:
+      raise failure
   except BaseException:
     for writer in writers.values():
       writer.abort()
@@ -227,6 +218,31 @@ def _process_shard(work: _ShardWork, config: PrepareConfig, scorer: filtering.Pr
       files[split] = os.path.basename(writer.path)
   marker.update(files=files, counts=counts)
   return marker
+
+
+def _write_document(work: _ShardWork, i: int, entropy_T: np.ndarray, argmax_T: np.ndarray,
+                    config: PrepareConfig, writers: dict, counts: dict, marker: dict) -> None:
+  """Filters document i of the shard by its scores [T] and writes its position records."""
+  ids = work.ids[i]
+  doc_id = work.first_doc_id + i
+  correct_T = argmax_T == ids
+  positions = filtering.select_positions(
+      entropy_T, correct_T, filter_name=config.filter, threshold=config.entropy_threshold,
+      min_context_tokens=config.min_context_tokens,
+      rng=filtering.document_rng(config.seed, doc_id),
+      max_positions=config.max_positions_per_document)
+  split = records.document_split(doc_id, config.eval_fraction, config.seed)
+  recs = records.make_records(
+      doc_id, ids, work.encoded[i][1], work.documents[i].encode("utf-8"), positions, entropy_T,
+      correct_T, filtering.difficulty_buckets(entropy_T, config.bucket_thresholds), split,
+      max_prompt_tokens=config.max_prompt_tokens, completion_tokens=config.completion_tokens)
+  marker["positions_scored"] += int(np.sum(np.isfinite(entropy_T)))
+  marker["positions_selected"] += len(positions)
+  counts[split]["documents"] += 1
+  for r in recs:
+    writers[split].write(r)
+    counts[split]["buckets"][str(r.bucket)] += 1
+    marker["max_completion_bytes"] = max(marker["max_completion_bytes"], len(r.completion))
 
 
 def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: str, *,
@@ -309,16 +325,26 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
                      os.path.join(progress_dir, f"shard-{mine:05d}.json"))
       # The group follows its leader's view of the marker (a file system may lag elsewhere).
       done = sync.flag_of(leader, marker_path is None or os.path.exists(marker_path))
-      work = _ShardWork(mine or 0, (mine or 0) * config.docs_per_shard,
-                        [] if done else batch[feed.group], config, tokenizer)
+      error = None
+      try:  # This process's own work; a failure is raised on every process together.
+        work = _ShardWork(mine or 0, (mine or 0) * config.docs_per_shard,
+                          [] if done else batch[feed.group], config, tokenizer)
+        batches = work.num_batches(scorer.rows_per_call)
+      except Exception as e:  # pylint: disable=broad-except
+        error, work, batches = e, _ShardWork(0, 0, [], config, tokenizer), 0
+      errors.raise_together(error)
       # Collective: every process dispatches the same number of scorer batches (padding when
       # its group has fewer windows, or nothing left to do this round).
-      calls = sync.max(work.num_batches(scorer.rows_per_call))
+      calls = sync.max(batches)
       if calls or not done:
-        marker = _process_shard(work, config, scorer, out_dir, num_batches=calls,
-                                write=feed.leader and not done)
-        if marker is not None:
-          write_json(marker_path, marker)
+        try:
+          marker = _process_shard(work, config, scorer, out_dir, num_batches=calls,
+                                  write=feed.leader and not done)
+          if marker is not None:
+            write_json(marker_path, marker)
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+        errors.raise_together(error)
       bar.update(sum(len(d) for d in batch))
   if next(shards, None) is not None:
     raise ValueError(f"the corpus {config.source.path or config.source.kind!r} changed while "
@@ -332,12 +358,9 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
     try:
       manifest = finish_manifest(identity, marker_paths, stats, config, progress_dir, out_dir, created)
       write_json(manifest_path, manifest)
-    except (ValueError, FileNotFoundError) as e:  # Raised on every process, below.
+    except Exception as e:  # pylint: disable=broad-except  # raised on every process, below
       error = e
-  if not sync.all_ok(error is None):
-    if error is not None:
-      raise error
-    raise RuntimeError("data preparation failed on process 0; see its log.")
+  errors.raise_together(error)
   return read_json(manifest_path)
 
 
@@ -360,9 +383,6 @@ class _Sync:
 
   def max(self, value: int) -> int:
     return int(np.max(self._gather(value))) if self.multi else int(value)
-
-  def all_ok(self, ok: bool) -> bool:
-    return bool(np.min(self._gather(int(ok)))) if self.multi else ok
 
   def group_leader(self, feed) -> int:
     """The process index of the leader of this process's feed group (one gather, once)."""

@@ -123,6 +123,8 @@ def main() -> None:
   p.add_argument("--mesh", default="1,-1,1",
                  help="data,fsdp,tensor sizes; 1,1,4 on 2 processes puts tensor across them")
   p.add_argument("--out", required=True)
+  p.add_argument("--fail_prepare_on", type=int, default=-1,
+                 help="this process fails while writing records (the error-path test)")
   p.add_argument("--across", default="", help="workdir of another layout's run to resume")
   p.add_argument("--snapshot", default="",
                  help="STAGE:DIR copies the workdir to DIR after STAGE (process 0)")
@@ -172,6 +174,13 @@ def main() -> None:
   result = {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "devices": jax.device_count(), "seconds": {},
             "batch_rows": process_batch_rows(run.mesh, run.rules, config.rl.batch_contexts)}
+  if args.process_id == args.fail_prepare_on:
+    from rpt_jax.data import prepare as prepare_lib
+
+    def failing_write(*unused_args, **unused_kwargs):
+      raise OSError("injected: the disk is full")
+
+    prepare_lib._write_document = failing_write  # pylint: disable=protected-access
   for stage in args.stages.split(","):
     t0 = time.perf_counter()
     if stage == "pretrain":

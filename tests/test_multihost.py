@@ -326,6 +326,21 @@ def test_two_processes_prepare_the_same_records(runs):
       assert json.load(f)["identity"] == one, layout
 
 
+def test_a_process_failing_in_prepare_stops_both(runs, tmp_path):
+  """Process 1 fails while writing records: both processes raise at the end of that round's
+  collective scorer calls (errors.raise_together) instead of process 0 waiting forever."""
+  fail = _Launch("fail", _copy(runs["dirs"]["prepared"], str(tmp_path / "fail")), "reprepare",
+                 2, str(tmp_path), str(tmp_path / "cache"), ("--fail_prepare_on=1",))
+  for proc in fail.procs:  # A hung collective would hold process 0 until the timeout.
+    proc.wait(timeout=300)
+  tails = fail._tails()  # pylint: disable=protected-access
+  assert all(p.returncode != 0 for p in fail.procs), tails
+  with open(fail.logs[1]) as f:
+    assert "injected: the disk is full" in f.read(), tails
+  with open(fail.logs[0]) as f:
+    assert "process(es) [1] failed" in f.read(), tails  # process 0 names the one that failed
+
+
 def test_two_processes_pretrain_like_one(runs):
   # 4 pretrain steps from the same pretrained params, on each layout.
   one, two = runs["one"][0]["repretrain"], runs["two"][0]["repretrain"]

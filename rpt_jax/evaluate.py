@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rpt_jax import mesh as mesh_lib
+from rpt_jax.errors import InputError
 from rpt_jax.data.pipeline import read_manifest
 from rpt_jax.data.records import SPLITS, PositionRecord, read_shard
 from rpt_jax.rl import prompts
@@ -118,8 +119,8 @@ def load_eval_positions(records_dir: str, *, split: str = "eval", max_positions:
   manifest = read_manifest(records_dir)
   files = manifest["files"][split]
   if not files:
-    raise ValueError(f"{records_dir!r} has no {split!r} records (see its manifest counts); "
-                     "prepare with eval_fraction > 0.")
+    raise InputError(f"{records_dir!r} has no {split!r} records (see its manifest counts); "
+                     "prepare with data.eval_fraction > 0 or a corpus of more documents.")
   positions = [r for f in files for r in read_shard(os.path.join(records_dir, f))]
   if max_positions is not None and max_positions < len(positions):
     keep = np.sort(np.random.default_rng(seed).permutation(len(positions))[:max_positions])

@@ -156,16 +156,14 @@ class AnswerScorer:
     return self._fns[g]
 
   def _place(self, x, axes):
-    if self.mesh is None:
+    if self.mesh is None or isinstance(x, jax.Array):
       return jnp.asarray(x)
-    sharding = self.rules.sharding(self.mesh, axes, np.shape(x))
-    if isinstance(x, jax.Array) and x.sharding == sharding:
-      return x
-    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+    return jax.device_put(x, self.rules.sharding(self.mesh, axes, np.shape(x)))
 
   def __call__(self, params, prompt_tokens, prompt_lengths, tails: AnswerTails, *,
                num_generations: int) -> Array:
-    """Global arrays (or this process's rows, placed with the batch sharding); logp [R]."""
+    """Global jax arrays as they are, or numpy arrays (one process) placed batch-sharded;
+    logp [R] (batch-sharded)."""
     args = (self._place(prompt_tokens, ("batch", "length")),
             self._place(prompt_lengths, ("batch",)),
             self._place(tails.tokens, ("batch", "length")),

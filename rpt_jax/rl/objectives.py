@@ -84,6 +84,15 @@ def register_objective(name: str, objective: Objective) -> Objective:
   return OBJECTIVES.register(name)(objective)
 
 
+def get_objective(name: str) -> Objective:
+  """The objective `name`; ValueError naming rl.reward and the registered names otherwise."""
+  if name not in OBJECTIVES:
+    raise ValueError(f"reward={name!r}: unknown reward {name!r}; registered objectives: "
+                     f"{sorted(OBJECTIVES)} (add one with "
+                     "rpt_jax.rl.objectives.register_objective).")
+  return OBJECTIVES[name]
+
+
 register_objective("prefix_match", Objective(PrefixMatchConfig))
 register_objective("first_token", Objective(FirstTokenConfig))
 register_objective("dense", Objective(DenseConfig, answer_score="first_token_prob"))
@@ -156,7 +165,7 @@ class ObjectiveConfig:
   budget: ThoughtBudget = dataclasses.field(default_factory=ThoughtBudget)
 
   def __post_init__(self):
-    objective = OBJECTIVES.get(self.name)  # Raises, listing the names.
+    objective = get_objective(self.name)
     if self.settings is None:
       object.__setattr__(self, "settings", objective.config_type())
     elif not isinstance(self.settings, objective.config_type):
@@ -171,7 +180,7 @@ class ObjectiveConfig:
   def build(cls, name: str, fields: dict[str, Any], **parts) -> "ObjectiveConfig":
     """The objective `name` with its settings taken from `fields` (e.g. {'ema_decay': 0.99});
     fields the objective does not take are ignored (they belong to other objectives)."""
-    config_type = OBJECTIVES.get(name).config_type
+    config_type = get_objective(name).config_type
     names = {f.name for f in dataclasses.fields(config_type)}
     return cls(name, config_type(**{k: v for k, v in fields.items() if k in names}), **parts)
 

@@ -187,6 +187,8 @@ class RewardBatch:
     correct: bool [N], the exact-answer hit of the chosen reward (for `dense`: the prefix match).
     response_lengths: int32 [N] in tokens as given by the caller, or None if not given.
     predictions: the extracted answers (None where there is none), length N.
+    components: named per-row parts of the objective [N] (e.g. 'first_token_prob',
+      'information_gain', 'length_reward', 'thought_length'), logged as their means.
   """
 
   rewards: np.ndarray
@@ -194,9 +196,11 @@ class RewardBatch:
   correct: np.ndarray
   response_lengths: np.ndarray | None
   predictions: tuple[str | None, ...]
+  components: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def metrics(self) -> dict[str, float]:
-    """format_rate, accuracy, mean_reward, mean_response_length (NaN if unknown or N == 0)."""
+    """format_rate, accuracy, mean_reward, mean_response_length (NaN if unknown or N == 0),
+    and the mean of each component under its name."""
     n = self.rewards.shape[0]
 
     def mean(x):
@@ -208,6 +212,7 @@ class RewardBatch:
         "mean_reward": mean(self.rewards),
         "mean_response_length": (math.nan if self.response_lengths is None
                                  else mean(self.response_lengths)),
+        **{name: mean(values) for name, values in self.components.items()},
     }
 
 

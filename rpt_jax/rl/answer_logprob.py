@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from rpt_jax import errors
 from rpt_jax import mesh as mesh_lib
 from rpt_jax.rl import loss as loss_lib
 from rpt_jax.rl.prompts import BOXED_OPEN, THINK_END
@@ -57,6 +58,15 @@ class AnswerTails:
   thought_lengths: np.ndarray
 
 
+def _token_bytes(tokenizer, token_id: int) -> bytes:
+  """A sampled token's bytes; an id without bytes (unknown piece) counts as none: a policy may
+  sample any id, and it cannot be part of the marker."""
+  try:
+    return tokenizer.token_bytes(token_id)
+  except errors.InputError:
+    return b""
+
+
 def thought_lengths(tokenizer, tokens_RN: np.ndarray, lengths_R: np.ndarray,
                     done_R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(thought tokens [R], closed [R] bool): the tokens that end at or before the row's LAST
@@ -67,7 +77,7 @@ def thought_lengths(tokenizer, tokens_RN: np.ndarray, lengths_R: np.ndarray,
   closed = np.zeros(len(tokens_RN), bool)
   for r, (row, n, d) in enumerate(zip(tokens_RN, lengths_R, done_R)):
     ids = [int(t) for t in row[:max(int(n) - int(bool(d)), 0)]]
-    pieces = [tokenizer.token_bytes(t) for t in ids]
+    pieces = [_token_bytes(tokenizer, t) for t in ids]
     at = b"".join(pieces).rfind(marker)
     if at < 0:
       out[r] = len(ids)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from rpt_jax import errors
 from rpt_jax import mesh as mesh_lib
 from rpt_jax.model import hf_io
 from rpt_jax.rl import answer_logprob, train_state
@@ -69,27 +70,29 @@ class _ByteTokenizer:
     return [b + 3 for b in text.encode()]
 
   def token_bytes(self, token_id):
+    if token_id == 1:  # like SentencePiece's <unk> without byte fallback
+      raise errors.InputError("no bytes")
     return bytes([token_id - 3])
 
 
 def test_build_tails_cuts_the_thought_at_the_last_marker():
   tok = _ByteTokenizer()
   texts = ["ab</think>x</think>\n\n\\boxed{c}", "no marker", ""]
-  n = max(len(t) for t in texts) + 1
+  n = max(len(t) for t in texts) + 2
   tokens = np.zeros((3, n), np.int32)
   lengths = np.zeros(3, np.int32)
   for i, t in enumerate(texts):
-    ids = tok.encode(t) + [2]  # a stop token
+    ids = tok.encode(t)[:1] + [1] * (i == 0) + tok.encode(t)[1:] + [2]  # an <unk>; a stop
     tokens[i, :len(ids)], lengths[i] = ids, len(ids)
   done = np.ones(3, bool)
   tails = answer_logprob.build_tails(tok, tokens, lengths, done, [b" the", b"q", b"z"],
                                      num_truth_tokens=2)
   closed = tok.encode(answer_logprob.OPENING_AFTER_MARKER)
   unclosed = tok.encode(answer_logprob.OPENING_UNCLOSED)
-  want = [tok.encode("ab</think>x") + closed + tok.encode(" t"),
+  want = [tok.encode("a") + [1] + tok.encode("b</think>x") + closed + tok.encode(" t"),
           tok.encode("no marker") + unclosed + tok.encode("q"),
           unclosed + tok.encode("z")]
-  np.testing.assert_array_equal(tails.thought_lengths, [11, 9, 0])
+  np.testing.assert_array_equal(tails.thought_lengths, [12, 9, 0])
   for i, ids in enumerate(want):
     assert tails.tokens[i, :len(ids)].tolist() == ids
     assert not tails.tokens[i, len(ids):].any()

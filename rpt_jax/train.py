@@ -53,7 +53,7 @@ from rpt_jax.rl import train_state
 from rpt_jax.rl.loss import LossConfig
 from rpt_jax.rl import reward as reward_lib
 from rpt_jax.rl.objectives import ObjectiveConfig
-from rpt_jax.rl.reward import RewardBatch, score_rollouts
+from rpt_jax.rl.reward import RewardBatch
 from rpt_jax.rl.rollout_scores import RolloutScorer
 from rpt_jax.rl.sampler import Sampler
 
@@ -194,14 +194,10 @@ class RPTTrainer:
     self.optimizer = optim.make_optimizer(**config.optimizer)
     self.graphdef, _ = train_state.split_params(model)
     objective = config.objective
-    reference = None
-    if config.loss.beta > 0:  # The KL anchor: rl.reference's weights, or the starting policy.
-      reference = (teacher_lib.load_reference(objective.kl.reference, model.config, mesh=mesh,
-                                              rules=self.rules)
-                   if objective.kl.reference else True)
     self.state = train_state.create_train_state(
-        model, self.optimizer, mesh=mesh, rules=self.rules,
-        teacher=objective.objective.teacher, reference=reference)
+        model, self.optimizer, mesh=mesh, rules=self.rules, teacher=objective.objective.teacher,
+        reference=teacher_lib.reference_source(objective.kl.reference, config.loss.beta,
+                                               model.config, mesh=mesh, rules=self.rules))
     self.train_step = update.make_train_step(
         self.graphdef, config.loss, self.optimizer, num_generations=self.G,
         temperature=config.temperature, micro_batch_contexts=config.train_micro_contexts,
@@ -339,15 +335,7 @@ class RPTTrainer:
     responses = prompts.response_texts(self.tokenizer, tokens, lengths, done)
     completions = [c for c in batch.completions() for _ in range(self.G)]
     boundaries = [b for b in batch.boundary_lists() for _ in range(self.G)]
-    scored = score_rollouts(responses, completions, boundaries, reward=self.config.reward,
-                            first_token_probs=parts.first_token_probs,
-                            information_gains=parts.information_gains,
-                            response_lengths=lengths)
-    rewards = scored.rewards
-    if parts.length_reward is not None:
-      rewards = rewards + parts.length_reward
-    return dataclasses.replace(scored, rewards=rewards.astype(np.float32),
-                               components=parts.components), parts
+    return parts.rewards(responses, completions, boundaries, self.config.reward, lengths), parts
 
   def candidate(self, data_iterator, step: int, attempt: int, timer: Timer):
     """One candidate rollout batch (this process's rows, numpy) and the scored rewards of all

@@ -29,6 +29,7 @@ from rpt_jax import host_rows
 from rpt_jax.rl import answer_logprob, context_ntp
 from rpt_jax.rl.loss import LossConfig
 from rpt_jax.rl.objectives import ObjectiveConfig
+from rpt_jax.rl.reward import RewardBatch, score_rollouts
 from rpt_jax.rl.train_state import TrainState
 from rpt_jax.rl.update import completion_logprobs
 
@@ -47,6 +48,20 @@ class ObjectiveScores:
   ref_logprobs: np.ndarray | None = None
   context_mask: np.ndarray | None = None
   length_reward: np.ndarray | None = None
+
+  def rewards(self, responses: Sequence[str], completions: Sequence[bytes],
+              boundaries: Sequence[Sequence[int]], reward: str,
+              response_lengths: np.ndarray) -> RewardBatch:
+    """`score_rollouts` with these scores, plus the length reward, with the components."""
+    scored = score_rollouts(responses, completions, boundaries, reward=reward,
+                            first_token_probs=self.first_token_probs,
+                            information_gains=self.information_gains,
+                            response_lengths=response_lengths)
+    rewards = scored.rewards
+    if self.length_reward is not None:
+      rewards = rewards + self.length_reward
+    return dataclasses.replace(scored, rewards=rewards.astype(np.float32),
+                               components=dict(self.components))
 
 
 class RolloutScorer:

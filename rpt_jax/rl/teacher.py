@@ -29,6 +29,15 @@ def ema_update(teacher: Any, params: Any, decay: float) -> Any:
       teacher, params)
 
 
+def reference_source(path: str, beta: float, policy_config: ModelConfig, *, mesh=None,
+                     rules: mesh_lib.ShardingRules | None = None):
+  """What `create_train_state(reference=...)` takes: None without a KL term (beta 0), True for
+  a copy of the starting policy, else the params loaded from `path`."""
+  if beta <= 0:
+    return None
+  return load_reference(path, policy_config, mesh=mesh, rules=rules) if path else True
+
+
 def load_reference(path: str, policy_config: ModelConfig, *, mesh=None,
                    rules: mesh_lib.ShardingRules | None = None) -> nnx.State:
   """The params of the HF checkpoint folder `path` (config.json + safetensors) as the KL

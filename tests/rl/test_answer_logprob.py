@@ -9,7 +9,7 @@ import torch
 from rpt_jax import errors
 from rpt_jax import mesh as mesh_lib
 from rpt_jax.model import hf_io
-from rpt_jax.rl import answer_logprob, train_state
+from rpt_jax.rl import answer_logprob, teacher, train_state
 from tests.model.conftest import build_hf_model
 
 B, G, LP = 2, 4, 7
@@ -100,3 +100,16 @@ def test_build_tails_cuts_the_thought_at_the_last_marker():
   np.testing.assert_array_equal(tails.truth_mask, [[1, 1], [1, 0], [1, 0]])
   empty = answer_logprob.build_tails(tok, tokens, lengths, done, [b"q"] * 3, thoughts=False)
   assert empty.tokens[0, :len(unclosed) + 1].tolist() == unclosed + tok.encode("q")
+
+
+def test_reference_from_an_hf_folder(hf_policy, tmp_path):
+  _, path = hf_policy
+  policy, config = hf_io.load_hf(path)
+  assert teacher.reference_source(path, 0.0, config) is None  # no KL term, no copy
+  assert teacher.reference_source("", 0.1, config) is True  # the starting policy
+  ref = teacher.reference_source(path, 0.1, config)
+  jax.tree.map(np.testing.assert_array_equal, ref, train_state.split_params(policy)[1])
+  other = build_hf_model("qwen2", hidden_size=32)
+  other.save_pretrained(tmp_path)
+  with pytest.raises(ValueError, match="hidden_size=32 differs from the policy's 64"):
+    teacher.reference_source(str(tmp_path), 0.1, config)

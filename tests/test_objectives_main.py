@@ -1,18 +1,20 @@
 """Every objective end to end through `python -m rpt_jax.main --mode=train` on the micro config
 (tests/micro_run.py), with the override a user would type: it trains, logs its parts in
-metrics.jsonl, and a run resumed from a mid-run checkpoint logs what an uninterrupted run logs
-(the EMA teacher and the KL reference are in the checkpoint)."""
+metrics.jsonl, and a run stopped by SIGTERM and resumed logs what an uninterrupted run logs,
+bit for bit (the EMA teacher and the KL reference are in the checkpoint)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 
 import numpy as np
 import pytest
 
 import micro_run
 
-STEPS = 4
+STEPS = 6
 # Override -> the metrics that name its parts.
 OBJECTIVES = {
     "dense": (["--config.rl.reward=dense"],
@@ -33,7 +35,7 @@ COMPARED = ("train/loss", "train/pg_loss", "train/grad_norm", "train/entropy",
 @pytest.fixture(scope="module")
 def config_path(tmp_path_factory):
   return micro_run.write_config(str(tmp_path_factory.mktemp("config") / "micro.py"),
-                                {"train.steps": STEPS, "rl.dynamic_sampling_from_step": 2})
+                                {"train.steps": STEPS, "rl.dynamic_sampling_from_step": 3})
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
@@ -49,11 +51,24 @@ def test_objective_trains_logs_its_parts_and_resumes_exactly(tmp_path_factory, c
     assert all(np.isfinite(values)), (part, values)
   assert any(rows[s]["train/grad_norm"] > 0 for s in range(STEPS))
 
+  # Stopped by SIGTERM once step 1 is logged (a real preemption: same config, same schedule),
+  # then resumed to the end.
   resumed = micro_run.prepared_workdir(tmp_path_factory, f"{name}_resumed")
-  micro_run.run_main(config_path, resumed, "--mode=train", "--config.train.steps=2", *flags)
+  proc = subprocess.Popen(micro_run.main_command(config_path, resumed, "--mode=train", *flags),
+                          cwd=micro_run.REPO, env=micro_run.subprocess_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    micro_run.wait_for_train_step(resumed, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  stopped = [r["step"] for r in micro_run.train_rows(resumed)]
+  assert max(stopped) < STEPS - 1, f"the run was not interrupted: {stopped}"
   micro_run.run_main(config_path, resumed, "--mode=train", *flags)
   logged = [r["step"] for r in micro_run.train_rows(resumed)]
-  assert logged == list(range(STEPS))  # The second process continued at step 2.
+  assert logged == list(range(STEPS))  # The second process continued where the first stopped.
   again = {r["step"]: r for r in micro_run.train_rows(resumed)}
   for step in range(STEPS):
     for metric in COMPARED + tuple(parts):

@@ -301,7 +301,8 @@ class RPTTrainer:
                        correct=both[:, 2] > 0,
                        response_lengths=(None if scored.response_lengths is None
                                          else both[:, 3].astype(np.int32)),
-                       predictions=(), components={k: both[:, 4 + i] for i, k in enumerate(names)})
+                       predictions=(),
+                       components={k: both[:, 4 + i] for i, k in enumerate(names)})
 
   def budget(self, step: int) -> int:
     """This step's response budget: RMT's decaying thought budget, else rl.max_new_tokens."""

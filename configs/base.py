@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # fp32 master weights
   c.model.compute_dtype = "bfloat16"  # bf16 compute on TPU/GPU
   c.model.remat = "full"  # 'none' | 'full' | 'dots'
+  # rpt_jax.model.attention: 'auto' (tpu: splash, gpu: cudnn in bf16, cpu: xla; decode steps
+  # read only each row's live cache) | 'xla' | 'chunked' | 'splash' | 'cudnn'.
+  c.model.attention = "auto"
   c.model.scratch = ml_collections.ConfigDict(dict(
       family="qwen2", vocab_size=0, hidden_size=256, intermediate_size=768, num_layers=4,
       num_heads=8, num_kv_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=1024,

@@ -44,18 +44,22 @@ figures; tests check them against an eval_shape count:
   train state during the whole step: params + Adam + 2 grads = 4.31 GiB.
 Activations, train step (remat per layer): a micro-step of 2 contexts x G=8 = 16 rows puts ONE
 response row on each chip (8,191 positions): its residual stream saved at each of 48 layers,
-8,191 x 5,120 x 2 B x 48 = 3.75 GiB, plus one layer's dense attention scores when recomputed,
-10 heads x 8,191 x 13,311 x 4 B = 4.1 GiB (fp32; with probabilities and gradients, x ~3), plus
-the prefill of both contexts (2 contexts cannot be split 16 ways, so every chip runs it: 2 x
-5,120 x 5,120 x 2 B x 48 = 4.7 GiB of saved residuals). More contexts per
-micro-step multiply all of it: 16 contexts (1 per batch shard, what rpt_jax.validate asks for
-today) need ~65 GiB of temporaries.
+8,191 x 5,120 x 2 B x 48 = 3.75 GiB, plus the prefill of both contexts (2 contexts cannot be
+split 16 ways, so every chip runs it: 2 x 5,120 x 5,120 x 2 B x 48 = 4.7 GiB of saved
+residuals). Attention is the splash kernel (`model.attention`): no [N, S] scores, where dense
+attention held one layer's, 10 heads x 8,191 x 13,311 x 4 B = 4.1 GiB (fp32; x ~3 with
+probabilities and gradients) when recomputed. More contexts per micro-step multiply the
+residuals: 16 contexts (1 per batch shard) need ~65 GiB of temporaries with dense scores.
+Decode steps read each row's live cache blocks (rpt_jax.model.attention.chunked).
 Compiled for v4:4x4x4 (libtpu 0.0.42.1, `python -m rpt_jax.compile_check
---config=configs/tpu_v4.py`, traced as the TPU runs it), per chip incl. the resident Adam state
-while sampling: train_step 23.5 GiB, sampler_prefill 5.7 GiB, sampler_decode 21.0 GiB (of a
-28.8 GiB budget). Decode = 1.3 GiB arguments + 1.7 GiB Adam + 18.0 GiB temporaries: the 9.75 GiB
-cache, ~4.4 GiB of bf16 weight shards all-gathered over fsdp that XLA keeps across decode steps
-(loop-invariant gathers leave the while loop), the prefill cache and the step's activations.
+--config=configs/tpu_v4.py`, traced as the TPU runs it) BEFORE the kernels, per chip incl. the
+resident Adam state while sampling: train_step 23.5 GiB, sampler_prefill 5.7 GiB,
+sampler_decode 21.0 GiB (of a 28.8 GiB budget). Decode = 1.3 GiB arguments + 1.7 GiB Adam +
+18.0 GiB temporaries: the 9.75 GiB cache, ~4.4 GiB of bf16 weight shards all-gathered over fsdp
+that XLA keeps across decode steps (loop-invariant gathers leave the while loop), the prefill
+cache and the step's activations. Expected with splash: train_step lower by up to the ~12 GiB of
+scores, probabilities and gradients; prefill lower by its [5,120, 5,120] scores; decode about
+the same (the cache dominates). These figures are to be refreshed with compile_check.
 Host layout: each tensor group spans hosts, so several processes hold each batch shard (the
 report's `hosts_per_batch_shard`); they read the same rows of every global batch
 (`rpt_jax.train.process_batch_rows`), as tests/test_multihost.py checks on 2 CPU processes.
@@ -97,6 +101,7 @@ def get_config():
   use_r1_distill_qwen_14b(c, "gs://BUCKET/models")  # --config.model.hf_path=... to override
 
   c.mesh.update(data=1, fsdp=16, tensor=4)
+  c.model.attention = "splash"  # the Pallas TPU kernel; 'auto' picks it on a TPU too
   c.data.score_batch_size = 64  # a multiple of the 16-way batch split
 
   c.rl.rollout_micro_batch = 32

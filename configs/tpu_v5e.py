@@ -1,5 +1,5 @@
 r"""RPT on TPU v5e-256 (256 chips, 64 hosts): DeepSeek-R1-Distill-Qwen-14B with the paper's recipe,
-8,192-token responses included (see "Memory" below: it fits with 0.3 GiB to spare).
+8,192-token responses included (splash attention; see "Memory" below).
 
     tpu_scripts/create.sh --accelerator-type=v5litepod-256 --zone=us-west4-a
     tpu_scripts/run.sh --config=configs/tpu_v5e.py --workdir=gs://BUCKET/rpt/run1
@@ -24,16 +24,17 @@ eval_shape count:
   train state during the whole step: params + Adam + 2 grads = 1.08 GiB.
 Activations: the train step holds ONE response row per chip per micro-step (4 contexts x G=8 =
 32 rows over the 32-way batch split) and one context's prefill: the residual stream saved at
-each of 48 layers (N x 5,120 x 2 B x 48; 5,120-token prefill: 2.4 GiB), and one layer's dense
-attention scores when recomputed, 5 heads x N x (5,120 + N) x 4 B (fp32; x ~3 with
-probabilities and gradients). At the paper's N = 8,192 that is the tightest program: 13.4 GiB of
-temporaries. `--config.rl.max_new_tokens=4096` halves the residuals and cuts the scores by 3x
-(train_step 9.5 GiB) where more headroom is wanted; a fused attention kernel (no [N, S] scores)
-would give it at 8,192.
+each of 48 layers (N x 5,120 x 2 B x 48; 5,120-token prefill: 2.4 GiB). Attention is the splash
+kernel (`model.attention`): no [N, S] scores, where dense attention held one layer's,
+5 heads x N x (5,120 + N) x 4 B (fp32; x ~3 with probabilities and gradients: ~6 GiB at the
+paper's N = 8,192). Decode steps read each row's live cache blocks.
 Compiled for v5e:16x16 (libtpu 0.0.42.1, `python -m rpt_jax.compile_check
---config=configs/tpu_v5e.py`, traced as the TPU runs it), per chip incl. the resident Adam state
-while sampling: train_step 14.1 GiB, sampler_prefill 6.6 GiB, sampler_decode 7.5 GiB (of a
-14.4 GiB budget = 90% of 16 GiB).
+--config=configs/tpu_v5e.py`, traced as the TPU runs it) BEFORE the kernels, per chip incl. the
+resident Adam state while sampling: train_step 14.1 GiB (13.4 GiB of temporaries), sampler_prefill
+6.6 GiB, sampler_decode 7.5 GiB (of a 14.4 GiB budget = 90% of 16 GiB). Expected with splash:
+train_step lower by up to the ~6 GiB of scores (about 8-10 GiB), prefill lower by its
+[5,120, 5,120] scores, decode about the same. These figures are to be refreshed with
+compile_check.
 Host layout: each tensor group spans hosts, so several processes hold each batch shard (the
 report's `hosts_per_batch_shard`); they read the same rows of every global batch
 (`rpt_jax.train.process_batch_rows`), as tests/test_multihost.py checks on 2 CPU processes.
@@ -64,7 +65,7 @@ def get_config():
       ("length", None), ("cache_length", None), ("layers", None), ("norm", None))
   c.data.score_batch_size = 64  # a multiple of the 32-way batch split
 
-  c.rl.max_new_tokens = 8192  # the paper's; train_step compiles to 14.1 of a 14.4 GiB budget
+  c.model.attention = "splash"  # the Pallas TPU kernel; 'auto' picks it on a TPU too
   c.rl.rollout_micro_batch = 64
   c.rl.train_micro_batch = 4
 

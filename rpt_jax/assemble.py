@@ -74,9 +74,9 @@ def build_policy(spec: RunSpec, tokenizer: tokenizer_lib.Tokenizer,
   """The policy: loaded from `model.hf_path`, else freshly initialised from `model.scratch`."""
   m = spec.model
   if m.hf_path:
-    model, model_config = hf_io.load_hf(
-        m.hf_path, mesh=mesh, rules=rules, dtype=m.param_dtype,
-        compute_dtype=m.compute_dtype, remat=m.remat)
+    fields = m.run_fields()
+    model, model_config = hf_io.load_hf(m.hf_path, mesh=mesh, rules=rules,
+                                        dtype=fields.pop("param_dtype"), **fields)
   else:
     model_config = m.model_config(VocabFacts.of(tokenizer))
     model = init_model(model_config, seed=spec.seed, mesh=mesh, rules=rules)
@@ -90,6 +90,7 @@ def load_proxy(spec: RunSpec, policy: Transformer, mesh: jax.sharding.Mesh | Non
   if spec.proxy_hf_path:
     proxy, _ = hf_io.load_hf(spec.proxy_hf_path, mesh=mesh, rules=rules,
                              dtype=spec.model.param_dtype,
-                             compute_dtype=spec.model.compute_dtype)
+                             compute_dtype=spec.model.compute_dtype,
+                             attention=spec.model.attention)
     return proxy
   return policy

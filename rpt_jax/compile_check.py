@@ -69,7 +69,8 @@ from jax.sharding import Mesh
 from rpt_jax import mesh as mesh_lib
 from rpt_jax import targets, validate
 from rpt_jax.model.config import ModelConfig
-from rpt_jax.model.transformer import KVCache, Transformer, tracing_for_platform
+from rpt_jax.model.attention import tracing_for_platform
+from rpt_jax.model.transformer import KVCache, Transformer
 from rpt_jax.spec import RunSpec
 
 GiB = targets.GiB

@@ -95,7 +95,8 @@ class ModelSpec:
   scratch: ModelConfig fields of the from-scratch architecture (vocab_size 0 = the tokenizer's).
   hf_config: a config.json as a dict, for checking a run whose weights are elsewhere
     (`compile_check.hf_config`); used when `hf_path` has no readable config.json here.
-  param_dtype, compute_dtype, remat: the run's precision and rematerialisation.
+  param_dtype, compute_dtype, remat, attention: the run's precision, rematerialisation and
+    attention implementation (`rpt_jax.model.attention`).
   """
 
   hf_path: str = ""
@@ -104,19 +105,21 @@ class ModelSpec:
   param_dtype: str = "float32"
   compute_dtype: str = "bfloat16"
   remat: str = "full"
+  attention: str = "auto"
 
-  def _dtypes(self) -> dict[str, Any]:
+  def run_fields(self) -> dict[str, Any]:
+    """The ModelConfig fields the run sets whatever the architecture's source."""
     return dict(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype,
-                remat=self.remat)
+                remat=self.remat, attention=self.attention)
 
   def model_config(self, vocab: VocabFacts) -> ModelConfig:
     """The policy's ModelConfig: the HF config.json's architecture, else `scratch` sized to
     `vocab`. A scratch Qwen2 has q/k/v biases as every Qwen2 does (unless `scratch` says
     otherwise), so that `--mode=export` writes a checkpoint `transformers` can load."""
     if self.hf_path and os.path.isfile(os.path.join(self.hf_path, "config.json")):
-      return ModelConfig.from_hf(self.hf_path, **self._dtypes())
+      return ModelConfig.from_hf(self.hf_path, **self.run_fields())
     if self.hf_config:
-      return ModelConfig.from_hf(dict(self.hf_config), **self._dtypes())
+      return ModelConfig.from_hf(dict(self.hf_config), **self.run_fields())
     if self.hf_path:
       raise ConfigError(
           f"model.hf_path={self.hf_path!r} has no readable config.json here; point it at a "
@@ -129,7 +132,7 @@ class ModelSpec:
     fields.setdefault("eos_token_ids", tuple(vocab.eos_token_ids))
     fields.setdefault("pad_token_id", vocab.pad_token_id)
     fields.setdefault("bos_token_id", vocab.bos_token_id)
-    return ModelConfig(**fields, **self._dtypes())
+    return ModelConfig(**fields, **self.run_fields())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +259,8 @@ class RunSpec:
     # compile_check.model: a whole ModelConfig's fields instead of model.scratch (tests).
     scratch = dict(target.pop("model", None) or m.scratch.to_dict())
     model = ModelSpec(hf_path=m.hf_path, scratch=scratch, hf_config=target.get("hf_config"),
-                      param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat)
+                      param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+                      attention=m.get("attention", "auto"))
     return cls(seed=c.seed, mesh=mesh, rules=rules, model=model,
                tokenizer_path=c.tokenizer.path, train_vocab_size=c.tokenizer.train_vocab_size,
                proxy_hf_path=d.proxy_hf_path, prepare=prepare, records_dir=d.records_dir,

@@ -95,7 +95,7 @@ def test_main_refuses_an_unmounted_gcs_workdir_in_one_line(tmp_path):
       [sys.executable, "-m", "rpt_jax.main", "--config=configs/local.py",
        "--workdir=gs://rpt-no-such-bucket/run"], cwd=repo, env=env, capture_output=True,
       text=True, timeout=300)
-  assert result.returncode == 1
-  assert ("rpt_jax: config error: --workdir='gs://rpt-no-such-bucket/run': bucket "
+  assert result.returncode == 2  # a user's mistake (rpt_jax.errors.EXIT_USER_ERROR)
+  assert ("rpt_jax: --workdir='gs://rpt-no-such-bucket/run': bucket "
           "'rpt-no-such-bucket' is not mounted here") in result.stderr
   assert "Traceback" not in result.stderr

@@ -131,6 +131,30 @@ def _shards(documents: Iterator[str], size: int) -> Iterator[list[str]]:
     yield chunk
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+  """Which document shard each feed group prepares in each round, known before anything runs.
+
+  Round r gives shard r * num_groups + g to feed group g (None past the last shard). Every
+  process walks the same rounds in lockstep (each round is one collective step: the scorer
+  calls of all groups run together), so the plan is also the schedule of cross-process calls.
+  """
+
+  num_shards: int
+  num_groups: int
+
+  @classmethod
+  def for_documents(cls, num_documents: int, docs_per_shard: int,
+                    num_groups: int) -> "RoundPlan":
+    return cls(-(-num_documents // docs_per_shard), num_groups)
+
+  @property
+  def rounds(self) -> list[tuple[int | None, ...]]:
+    g = self.num_groups
+    return [tuple(s if s < self.num_shards else None for s in range(r * g, (r + 1) * g))
+            for r in range(-(-self.num_shards // g))]
+
+
 class _ShardWork:
   """One document shard, tokenised: what `_process_shard` scores and writes."""
 
@@ -273,22 +297,20 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
       k=config.topk, logits_chunk=config.logits_chunk)
   feed = scorer.feed
   leader = sync.group_leader(feed)
-  src = config.source
-  total = src.synthetic.num_documents if src.kind == "synthetic" else None
-  if src.max_documents is not None:
-    total = min(total or src.max_documents, src.max_documents)
-  num_shards = 0
+  # The corpus is read twice: once to count it (the plan), once to score it.
+  num_documents = sum(1 for _ in iter_documents(config.source))
+  plan = RoundPlan.for_documents(num_documents, config.docs_per_shard, feed.num_groups)
   shards = _shards(itertools.chain([first], documents), config.docs_per_shard)
-  with tqdm(total=total, unit="doc", desc="prepare", disable=not show_progress) as bar:
-    # One round: the next num_groups shards, shard num_shards + g to feed group g.
-    while batch := list(itertools.islice(shards, feed.num_groups)):
-      mine = num_shards + feed.group
-      docs = batch[feed.group] if feed.group < len(batch) else []
-      marker_path = os.path.join(progress_dir, f"shard-{mine:05d}.json")
+  with tqdm(total=num_documents, unit="doc", desc="prepare", disable=not show_progress) as bar:
+    for shards_of_group in plan.rounds:
+      batch = list(itertools.islice(shards, sum(s is not None for s in shards_of_group)))
+      mine = shards_of_group[feed.group]  # None: no shard left for this group (it only pads).
+      marker_path = (None if mine is None else
+                     os.path.join(progress_dir, f"shard-{mine:05d}.json"))
       # The group follows its leader's view of the marker (a file system may lag elsewhere).
-      done = sync.flag_of(leader, os.path.exists(marker_path) or not docs)
-      work = _ShardWork(mine, mine * config.docs_per_shard, [] if done else docs, config,
-                        tokenizer)
+      done = sync.flag_of(leader, marker_path is None or os.path.exists(marker_path))
+      work = _ShardWork(mine or 0, (mine or 0) * config.docs_per_shard,
+                        [] if done else batch[feed.group], config, tokenizer)
       # Collective: every process dispatches the same number of scorer batches (padding when
       # its group has fewer windows, or nothing left to do this round).
       calls = sync.max(work.num_batches(scorer.rows_per_call))
@@ -297,8 +319,11 @@ def prepare(config: PrepareConfig, tokenizer, proxy_model: nnx.Module, out_dir: 
                                 write=feed.leader and not done)
         if marker is not None:
           write_json(marker_path, marker)
-      num_shards += len(batch)
       bar.update(sum(len(d) for d in batch))
+  if next(shards, None) is not None:
+    raise ValueError(f"the corpus {config.source.path or config.source.kind!r} changed while "
+                     "it was read (more documents the second time); prepare from a stable copy.")
+  num_shards = plan.num_shards
 
   sync.barrier("prepare:scored")
   marker_paths = [os.path.join(progress_dir, f"shard-{s:05d}.json") for s in range(num_shards)]

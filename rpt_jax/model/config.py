@@ -14,6 +14,7 @@ import os
 from typing import Any, Mapping
 
 from rpt_jax.errors import InputError, MissingInputError
+from rpt_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
 SUPPORTED_FAMILIES = ("qwen2", "llama", "qwen3", "mistral")
 _ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
@@ -25,7 +26,8 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Decoder architecture plus run options (param/compute dtype, remat policy).
+  """Decoder architecture plus run options (param/compute dtype, remat policy, attention
+  implementation: a name in `rpt_jax.model.attention.IMPLEMENTATIONS`).
 
   `rope_scaling` is None or a dict with `rope_type` in ROPE_TYPES (HF's names and fields).
   `sliding_window` is None (full attention) or the window in tokens; we do not implement windowed
@@ -54,6 +56,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat: str = "none"
+  attention: str = "auto"
 
   def __post_init__(self):
     if self.family not in SUPPORTED_FAMILIES:
@@ -66,6 +69,9 @@ class ModelConfig:
       object.__setattr__(self, name, _DTYPES[value])
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r} is not a remat policy; use one of {REMAT_POLICIES}.")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"model.attention={self.attention!r} is not an attention implementation; "
+                       f"use one of {ATTENTION_IMPLEMENTATIONS}.")
     if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
                        f"{self.num_kv_heads}; grouped-query attention needs whole groups.")
@@ -100,7 +106,8 @@ class ModelConfig:
               **overrides: Any) -> "ModelConfig":
     """Reads an HF `config.json` (a dict, the file, or the directory holding it).
 
-    `overrides` set fields not stored by HF (param_dtype, compute_dtype, remat) or replace any.
+    `overrides` set fields not stored by HF (param_dtype, compute_dtype, remat, attention)
+    or replace any.
     Accepts both the transformers 4 (`rope_theta` + `rope_scaling`) and 5 (`rope_parameters`)
     spellings of rotary settings.
     """

@@ -2,8 +2,9 @@
 Qwen3, Mistral) with a static-shape KV cache.
 
 Owns the numerics of one forward pass: RMSNorm, rotary embeddings (HF's half-split convention,
-llama3 scaling), grouped-query attention with causal + padding masks or a KV cache, SwiGLU MLP,
-tied/untied unembedding. Every parameter carries `logical_axes` metadata for `rpt_jax.mesh`.
+llama3 scaling), grouped-query attention projections (the attention itself is
+`rpt_jax.model.attention`, chosen by `ModelConfig.attention`) with causal + padding masks or a KV
+cache, SwiGLU MLP, tied/untied unembedding. Every parameter carries `logical_axes` metadata for `rpt_jax.mesh`.
 
 Cache semantics: each token is written to cache slot == its position (a per-row scatter, so rows
 of different lengths never share a write index); a query at position p attends to slots <= p.
@@ -14,9 +15,7 @@ differentiable, so a context prefilled once can receive gradients from G complet
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import flax.struct
 import jax
@@ -25,39 +24,11 @@ import numpy as np
 from flax import nnx
 
 from rpt_jax import mesh as mesh_lib
+from rpt_jax.model import attention as attention_lib
 from rpt_jax.model.config import ModelConfig
 
 Array = jax.Array
-# Finite "minus infinity": a row with every key masked (a padding query) gets a uniform softmax
-# instead of NaN, which would otherwise leak into gradients.
-_MASKED = -1e30
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-# The platform the attention code is traced for; None: this process's default backend.
-_TRACE_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "rpt_jax_trace_platform", default=None)
-
-
-@contextlib.contextmanager
-def tracing_for_platform(platform: str) -> Iterator[None]:
-  """Traces model code for `platform` ('cpu', 'tpu', 'gpu') instead of the default backend.
-
-  Attention picks its formulation by platform (XLA:CPU gets row-chunked scores and a
-  multiply-reduce decode step); a program compiled ahead of time for a TPU from a CPU host
-  (`rpt_jax.compile_check`) must be traced as the TPU will run it, or its memory figures are
-  those of the CPU formulation (e.g. an fp32 copy of each layer's KV cache per decode step).
-  JAX caches traces by function and argument shapes, not by this setting: trace functions made
-  inside the block (compile_check builds fresh jitted programs).
-  """
-  token = _TRACE_PLATFORM.set(platform)
-  try:
-    yield
-  finally:
-    _TRACE_PLATFORM.reset(token)
-
-
-def trace_platform() -> str:
-  """The platform model code is being traced for (see `tracing_for_platform`)."""
-  return _TRACE_PLATFORM.get() or jax.default_backend()
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -201,9 +172,7 @@ class Attention(nnx.Module):
     if kv is None:
       new_kv = None
       keys, values = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KVH, S=L, Dh]
-      # Causal on positions, and never onto padding keys; [B, 1, 1, L, S] from [B, L] pieces.
-      allowed = ((positions_BL[:, None, None, None, :] <= positions_BL[:, None, None, :, None])
-                 & mask_BL[:, None, None, None, :])
+      mask = attention_lib.Mask.causal(positions_BL, mask_BL)
     else:
       cache_k, cache_v = kv
       slots = cache_k.shape[2]
@@ -215,91 +184,13 @@ class Attention(nnx.Module):
       axes = KVCache.LOGICAL_AXES
       new_kv = (self._shard(cache_k, axes), self._shard(cache_v, axes))
       keys, values = new_kv[0].astype(cd), new_kv[1].astype(cd)
-      allowed = jnp.arange(slots) <= positions_BL[:, None, None, :, None]  # [B, 1, 1, L, S]
-    out = attend(q, keys, values, allowed)
+      mask = attention_lib.Mask.cache(positions_BL, slots)
+    out = attention_lib.attend(q, keys, values, mask, cfg.attention, mesh=self.mesh,
+                               rules=self.rules)
     out = jnp.einsum("BLNH,NHD->BLD", out, self.o.value.astype(cd))
     if cfg.o_bias:
       out = out + self.o_bias.value.astype(cd)
     return out, new_kv
-
-
-def attend(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, allowed: Array) -> Array:
-  """Softmax(q k^T / sqrt(Dh)) v with a boolean mask; scores and softmax in float32.
-
-  Query head n reads KV head n // G (G = N / KVH query heads per KV head). `allowed`: bool,
-  broadcastable to [B, KVH, G, L, S] (e.g. [B, 1, 1, L, S]): may query l read key s.
-  """
-  b, l, n, h = q_BLNH.shape
-  if trace_platform() == "cpu":
-    if l == 1:
-      kvh = k_BKSH.shape[1]
-      return _attend_one_query(q_BLNH.reshape(b, kvh, n // kvh, h), k_BKSH, v_BKSH,
-                               allowed[:, :, :, 0]).reshape(b, 1, n, h)
-    rows = _rows_per_chunk(b, n * l * k_BKSH.shape[2] * 4)
-    if rows < b:
-      return _attend_in_row_chunks(q_BLNH, k_BKSH, v_BKSH, allowed, rows)
-  return _attend(q_BLNH, k_BKSH, v_BKSH, allowed)
-
-
-def _attend(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, allowed: Array) -> Array:
-  """`attend` over the whole batch: two batched matmuls over (B, KVH)."""
-  b, l, n, h = q_BLNH.shape
-  kvh = k_BKSH.shape[1]
-  # Queries laid out [B, KVH, G, L, Dh] like the keys (a copy of q, not of the [.., L, S]
-  # scores): both products are then plain batched matmuls whose outputs XLA keeps in place.
-  q_BKGLH = q_BLNH.reshape(b, l, kvh, n // kvh, h).transpose(0, 2, 3, 1, 4)
-  scores = jnp.einsum("BKGLH,BKSH->BKGLS", q_BKGLH, k_BKSH, preferred_element_type=jnp.float32)
-  scores = jnp.where(allowed, scores * h ** -0.5, _MASKED)
-  # Softmax normalised after the value product: [.., L, Dh] divides instead of [.., L, S].
-  shift = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-  weights = jnp.exp(scores - shift)
-  out = jnp.einsum("BKGLS,BKSH->BKGLH", weights.astype(v_BKSH.dtype), v_BKSH,
-                   preferred_element_type=jnp.float32)
-  out = out / jnp.sum(weights, axis=-1, keepdims=True)
-  return out.astype(v_BKSH.dtype).transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
-
-
-# XLA:CPU runs attention op by op over whole tensors, so once the fp32 scores of all rows
-# outgrow the caches every pass over them streams from memory: 128 rows x 256 tokens ran
-# 3.5x slower per row than chunks of <= this many bytes of scores.
-_CPU_SCORE_CHUNK_BYTES = 8 * 2 ** 20
-
-
-def _rows_per_chunk(rows: int, score_bytes_per_row: int) -> int:
-  """The largest divisor of `rows` whose scores fit _CPU_SCORE_CHUNK_BYTES (at least 1)."""
-  fit = max(1, _CPU_SCORE_CHUNK_BYTES // score_bytes_per_row)
-  return max(d for d in range(1, min(fit, rows) + 1) if rows % d == 0)
-
-
-def _attend_in_row_chunks(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, allowed: Array,
-                          rows: int) -> Array:
-  """`_attend` on `rows` rows at a time (CPU only), each chunk recomputed in the backward pass.
-
-  Chunk m holds rows m, m + M, m + 2M, ... (M chunks): a batch sharded in contiguous blocks
-  keeps its sharding on the rows within a chunk, so the loop never slices across devices.
-  """
-  b = q_BLNH.shape[0]
-  chunks = b // rows
-  allowed = jnp.broadcast_to(allowed, (b,) + allowed.shape[1:])
-  split = lambda x: x.reshape(rows, chunks, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
-  body = jax.checkpoint(lambda xs: _attend(*xs), prevent_cse=False)
-  out = jax.lax.map(body, tuple(split(x) for x in (q_BLNH, k_BKSH, v_BKSH, allowed)))
-  return out.swapaxes(0, 1).reshape(q_BLNH.shape)
-
-
-def _attend_one_query(q_BKGH: Array, k_BKSH: Array, v_BKSH: Array, allowed: Array) -> Array:
-  """`attend` for one query per row (a decode step) as multiply-and-reduce: on XLA:CPU the
-  batched dot over (B, KVH) with only G rows per matrix is 1.2-1.5x slower per decode step
-  than one fused pass over the cache (TPU/GPU keep dot_general). `allowed` broadcasts to
-  [B, KVH, G, S]. Returns [B, KVH, G, Dh]."""
-  f32 = jnp.float32
-  scores_BKGS = jnp.sum(q_BKGH[:, :, :, None, :].astype(f32) * k_BKSH[:, :, None].astype(f32),
-                        axis=-1)
-  scores_BKGS = jnp.where(allowed, scores_BKGS * q_BKGH.shape[-1] ** -0.5,
-                          _MASKED)
-  probs_BKGS = jax.nn.softmax(scores_BKGS, axis=-1)
-  out = jnp.sum(probs_BKGS[..., None] * v_BKSH[:, :, None].astype(f32), axis=3)
-  return out.astype(v_BKSH.dtype)
 
 
 class MLP(nnx.Module):
@@ -404,9 +295,9 @@ class Transformer(nnx.Module):
       # "involuntary full rematerialization"), so pin it first, with the rows over the batch
       # axes D does not use; the batch constraint below is then one all-to-all per D axis.
       rules = self.rules or mesh_lib.ShardingRules()
-      d_axes = _axes_tuple(rules.spec(("embed",), table_VD.shape[1:], self.mesh)[0])
+      d_axes = mesh_lib.as_tuple(rules.spec(("embed",), table_VD.shape[1:], self.mesh)[0])
       if d_axes:
-        b_axes = tuple(a for a in _axes_tuple(rules.spec(("batch",), x_BLD.shape[:1],
+        b_axes = tuple(a for a in mesh_lib.as_tuple(rules.spec(("batch",), x_BLD.shape[:1],
                                                          self.mesh)[0]) if a not in d_axes)
         x_BLD = jax.lax.with_sharding_constraint(x_BLD, jax.sharding.NamedSharding(
             self.mesh, jax.sharding.PartitionSpec(b_axes or None, None, d_axes)))
@@ -424,13 +315,6 @@ class Transformer(nnx.Module):
     logits = jnp.einsum("BLD,DV->BLV", hidden_BLD.astype(cd), self.unembedding().astype(cd),
                         preferred_element_type=jnp.float32)
     return mesh_lib.shard_activation(logits, ("batch", "length", "vocab"), self.mesh, self.rules)
-
-
-def _axes_tuple(entry) -> tuple[str, ...]:
-  """A PartitionSpec entry (None, an axis name or a tuple of them) as a tuple of names."""
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def init_model(config: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None,

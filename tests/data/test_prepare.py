@@ -207,21 +207,11 @@ def test_config_validation():
   assert PrepareConfig(**{**cfg.to_dict()}) == cfg  # round trip through plain dicts
 
 
-def test_command_line(tmp_path, tokenizer, proxy, capsys):
-  from rpt_jax.model.hf_io import save_hf
-
-  save_hf(proxy, proxy.config, str(tmp_path / "proxy"))
-  out = tmp_path / "cli"
-  prepare_lib.main([
-      "--out", str(out), "--tokenizer", tokenizer.name, "--proxy", str(tmp_path / "proxy"),
-      "--max-documents", "8", "--score-seq-len", "64", "--score-overlap", "16",
-      "--score-batch-size", "4", "--entropy-threshold", "1.5", "--docs-per-shard", "4",
-      "--max-positions-per-document", "3", "--eval-fraction", "0.5"])
-  manifest = json.loads((out / "manifest.json").read_text())
-  assert json.loads(capsys.readouterr().out)["counts"] == manifest["counts"]
-  config = manifest["identity"]["config"]
-  assert (config["entropy_threshold"], config["score_seq_len"], config["proxy_id"]) == (
-      1.5, 64, str(tmp_path / "proxy"))
-  assert manifest["documents"]["read"] == 8
-  total = sum(manifest["counts"][s]["records"] for s in ("train", "eval"))
-  assert 0 < total <= 8 * 3
+def test_round_plan_by_hand():
+  from rpt_jax.data.prepare import RoundPlan
+  # 10 documents, 3 per shard -> shards 0..3; 3 feed groups -> 2 rounds, the last one short.
+  plan = RoundPlan.for_documents(10, 3, 3)
+  assert plan.num_shards == 4
+  assert plan.rounds == [(0, 1, 2), (3, None, None)]
+  assert RoundPlan.for_documents(6, 3, 1).rounds == [(0,), (1,)]
+  assert RoundPlan.for_documents(2, 3, 4).rounds == [(0, None, None, None)]

@@ -8,7 +8,7 @@ from flax import nnx
 
 from rpt_jax import mesh as mesh_lib
 from rpt_jax.model import hf_io
-from rpt_jax.model import transformer
+from rpt_jax.model import attention
 from rpt_jax.model.transformer import KVCache, Transformer
 
 FAMILIES = ["qwen2", "qwen2_tied", "llama3", "qwen3", "mistral"]
@@ -26,6 +26,14 @@ def ours(hf_models):
   return {name: hf_io.load_hf(path)[0] for name, (_, path) in hf_models.items()}
 
 
+def _with_attention(ours, hf_models, name, implementation):
+  """Our `name` model computing attention with `implementation` (auto: the loaded one)."""
+  if implementation == "auto":
+    return ours[name]
+  return hf_io.load_hf(hf_models[name][1], attention=implementation)[0]
+
+
+
 def _tokens(shape, seed=0, vocab=320):
   return np.random.RandomState(seed).randint(3, vocab, shape).astype(np.int32)
 
@@ -36,8 +44,9 @@ def _forward(model, tokens, mask):
   return np.asarray(fn(state, tokens, mask))
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_logits_match_hf_with_right_padding(name, hf_models, ours):
+@pytest.mark.parametrize("name,implementation", [(f, "auto") for f in FAMILIES]
+                         + [("qwen2", "chunked"), ("qwen3", "splash")])
+def test_logits_match_hf_with_right_padding(name, implementation, hf_models, ours):
   hf_model, _ = hf_models[name]
   tokens = _tokens((3, 20))
   mask = np.ones_like(tokens)
@@ -45,7 +54,7 @@ def test_logits_match_hf_with_right_padding(name, hf_models, ours):
   mask[2, 5:] = 0
   tokens[mask == 0] = 0
   ref = hf_logits(hf_model, tokens, mask)
-  got = _forward(ours[name], tokens, mask)
+  got = _forward(_with_attention(ours, hf_models, name, implementation), tokens, mask)
   assert np.abs(ref).max() > 1.0  # Logits of real size, so 1e-4 is a meaningful tolerance.
   real = mask.astype(bool)
   np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=0)
@@ -59,8 +68,8 @@ def test_row_chunked_attention_matches_hf(monkeypatch, hf_models, ours):
   mask[1, 11:] = 0
   mask[3, 3:] = 0
   tokens[mask == 0] = 0
-  monkeypatch.setattr(transformer, "_CPU_SCORE_CHUNK_BYTES", 8 * 20 * 20 * 4)
-  assert transformer._rows_per_chunk(4, 8 * 20 * 20 * 4) == 1
+  monkeypatch.setattr(attention, "_CPU_SCORE_CHUNK_BYTES", 8 * 20 * 20 * 4)
+  assert attention._rows_per_chunk(4, 8 * 20 * 20 * 4) == 1
   got = _forward(ours["qwen2_tied"], tokens, mask)
   real = mask.astype(bool)
   np.testing.assert_allclose(got[real], hf_logits(hf_model, tokens, mask)[real], atol=1e-4, rtol=0)
@@ -69,7 +78,7 @@ def test_row_chunked_attention_matches_hf(monkeypatch, hf_models, ours):
 @pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["whole", "row-chunks"])
 def test_sharded_forward_equals_unsharded(chunk_bytes, monkeypatch, hf_models, ours):
   if chunk_bytes:  # One row per chunk: the chunk loop runs over a batch sharded 4 ways.
-    monkeypatch.setattr(transformer, "_CPU_SCORE_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(attention, "_CPU_SCORE_CHUNK_BYTES", chunk_bytes)
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=2, fsdp=2, tensor=2))
   model, _ = hf_io.load_hf(hf_models["qwen3"][1], mesh=mesh)
   q = model.layers[0].attn.q.value
@@ -110,11 +119,12 @@ def test_sharded_embedding_lookup_compiles_without_rematerialization(capfd, hf_m
   np.testing.assert_allclose(got["embed"].value, want["embed"].value, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
-def test_prefill_then_decode_matches_hf_full_forward(name, hf_models, ours):
+@pytest.mark.parametrize("name,implementation", [("qwen2", "auto"), ("qwen3", "auto"),
+                                                 ("qwen2", "chunked"), ("qwen3", "splash")])
+def test_prefill_then_decode_matches_hf_full_forward(name, implementation, hf_models, ours):
   """Mixed prompt lengths, right-padded; each row decodes at its own positions."""
   hf_model, _ = hf_models[name]
-  model = ours[name]
+  model = _with_attention(ours, hf_models, name, implementation)
   b, prompt_len, steps = 3, 8, 5
   lengths = np.array([8, 5, 2])
   seq = _tokens((b, prompt_len + steps), seed=2)
@@ -190,13 +200,15 @@ def _shared_prefix_loss(model, ctx, ctx_len, ctx_mask, comp, comp_mask, weights)
   return jnp.sum(model.logits(hidden) * weights * comp_mask[..., None])
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["whole", "row-chunks"])
-def test_shared_prefix_cache_loss_and_grads_match_torch(chunk_bytes, monkeypatch, hf_models,
-                                                        ours):
+@pytest.mark.parametrize("chunk_bytes,implementation",
+                         [(None, "auto"), (1, "auto"), (None, "chunked"), (None, "splash")],
+                         ids=["whole", "row-chunks", "chunked", "splash"])
+def test_shared_prefix_cache_loss_and_grads_match_torch(chunk_bytes, implementation, monkeypatch,
+                                                        hf_models, ours):
   if chunk_bytes:  # Gradients through the rematerialised chunk loop too.
-    monkeypatch.setattr(transformer, "_CPU_SCORE_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(attention, "_CPU_SCORE_CHUNK_BYTES", chunk_bytes)
   hf_model, _ = hf_models["qwen2"]
-  model = ours["qwen2"]
+  model = _with_attention(ours, hf_models, "qwen2", implementation)
   ctx, ctx_len, ctx_mask, comp, comp_len, comp_mask, weights = _shared_prefix_case()
   loss, grads = nnx.jit(nnx.value_and_grad(_shared_prefix_loss))(
       model, ctx, ctx_len, ctx_mask, comp, comp_mask, weights)
@@ -285,37 +297,3 @@ def test_init_model_sharded_equals_unsharded():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),  # jit vs eager ulps.
                nnx.to_pure_dict(nnx.state(sharded)), nnx.to_pure_dict(nnx.state(plain)))
   assert np.std(np.asarray(plain.embed.value)) == pytest.approx(0.02, rel=0.1)
-
-
-@pytest.mark.parametrize("queries", [1, 5])
-def test_attention_traced_for_another_platform_computes_the_same(queries):
-  # compile_check traces programs for a TPU on this CPU: the TPU formulation (two batched dots,
-  # no fp32 copy of the keys) must be the one traced, and give the CPU path's numbers.
-  rng = np.random.RandomState(3)
-  b, n, kvh, s, h = 2, 4, 2, 7, 8
-  q = jnp.asarray(rng.randn(b, queries, n, h), jnp.float32)
-  k, v = (jnp.asarray(rng.randn(b, kvh, s, h), jnp.float32) for _ in range(2))
-  allowed = jnp.asarray(rng.rand(b, 1, 1, queries, s) > 0.3).at[..., 0].set(True)
-  # A new function per trace: JAX caches traces by function, not by the traced-for platform.
-  dots = lambda: sum(e.primitive.name == "dot_general" for e in jax.make_jaxpr(  # noqa: E731
-      lambda *xs: transformer.attend(*xs))(q, k, v, allowed).eqns)
-  assert transformer.trace_platform() == "cpu"
-  here = transformer.attend(q, k, v, allowed)
-  with transformer.tracing_for_platform("tpu"):
-    assert transformer.trace_platform() == "tpu"
-    there = transformer.attend(q, k, v, allowed)
-    assert dots() == 2
-  assert transformer.trace_platform() == "cpu"
-  if queries == 1:
-    assert dots() == 0  # XLA:CPU's multiply-reduce decode step
-  # Reference: softmax over allowed keys in numpy, query head j reads KV head j // (n // kvh).
-  qn, kn, vn, an = (np.asarray(x, np.float64) for x in (q, k, v, allowed))
-  kq = np.repeat(kn, n // kvh, axis=1)
-  vq = np.repeat(vn, n // kvh, axis=1)
-  scores = np.einsum("blnh,bnsh->bnls", qn, kq) / np.sqrt(h)
-  scores = np.where(an[:, 0, 0][:, None].astype(bool), scores, -np.inf)  # [b, 1, L, S] mask
-  weights = np.exp(scores - scores.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  want = np.einsum("bnls,bnsh->blnh", weights, vq)
-  np.testing.assert_allclose(np.asarray(here), want, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(there), want, rtol=1e-5, atol=1e-5)

@@ -55,9 +55,16 @@ def _model(seed=0):
   return model
 
 
-def _logsm(model, ids):
-  """log softmax of the plain forward on one unpadded sequence (float64 numpy)."""
-  return np.asarray(jax.nn.log_softmax(model(jnp.asarray([ids]))[0].astype(jnp.float64)))
+def _log_softmax(logits):
+  """float64 numpy log softmax over the last axis."""
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def _logsm(model, ids, temperature=1.0):
+  """log softmax(logits / temperature) of the plain forward on one unpadded sequence."""
+  return _log_softmax(np.asarray(model(jnp.asarray([ids]))[0], np.float64) / temperature)
 
 
 def _seq_logp(model, prefix, target):
@@ -164,9 +171,7 @@ def test_reference_logprobs_are_the_frozen_models():
                        data["boundaries"], data["tokens"], data["lengths"], data["done"], 64)
   for r in range(4):
     prompt, n = data["prompts"][r // G], int(data["lengths"][r])
-    logsm = np.asarray(jax.nn.log_softmax(
-        ref_model(jnp.asarray([prompt + list(data["tokens"][r, :n])]))[0].astype(jnp.float64)
-        / 0.8))
+    logsm = _logsm(ref_model, prompt + list(data["tokens"][r, :n]), temperature=0.8)
     want = [logsm[len(prompt) + i - 1, data["tokens"][r, i]] for i in range(n)]
     np.testing.assert_allclose(parts.ref_logprobs[r, :n], want, rtol=1e-4, atol=1e-5)
 

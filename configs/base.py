@@ -73,13 +73,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.top_k = 0  # 0 = off
   c.rl.top_p = 1.0  # 1.0 = off
   c.rl.max_new_tokens = 8192  # max response length
-  c.rl.reward = "prefix_match"  # 'prefix_match' | 'first_token' | 'dense'
+  # The objective (rpt_jax/rl/objectives.py): 'prefix_match' | 'first_token' | 'dense' (1 if
+  # right, else p(true first token)) | 'rlp' (information gain over an EMA teacher, RLP).
+  c.rl.reward = "prefix_match"
+  c.rl.ema_decay = 0.999  # rlp: the EMA teacher's decay per step
   c.rl.advantage = "grpo"  # 'grpo' | 'drgrpo' | 'rloo'
   c.rl.eps_low = 0.2
   c.rl.eps_high = 0.2
   c.rl.aggregation = "token-mean"
   c.rl.beta = 0.0  # KL to the reference: zero in the paper
   c.rl.kl_estimator = "k3"
+  c.rl.reference = ""  # beta > 0: an HF folder of the KL reference; '' = the starting policy
+  c.rl.ntp_coef = 0.0  # RMT: next-token loss on the context tokens (0 = off)
+  # RMT's decaying response budget (start, floor, decay): max(floor, start * decay**(step /
+  # steps)) tokens; () = off. length_reward_coef adds coef * (1 - thought length / budget).
+  c.rl.thought_budget = ()
+  c.rl.length_reward_coef = 0.0
   c.rl.entropy_coef = 0.0
   c.rl.dynamic_sampling_from_step = 500  # drop all-equal groups and refill from this step on
   c.rl.dynamic_sampling_max_tries = 4

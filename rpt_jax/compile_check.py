@@ -130,8 +130,9 @@ def estimate_memory(spec: RunSpec, model_config: ModelConfig,
   """Per-device bytes of the arrays a run holds, by their shardings alone (`mesh_shape` maps
   each mesh axis to its size): the train state (`train_state.bytes_per_device`: params, grads,
   optimizer, compute_params) and kv_cache, the decode cache of one rollout micro-batch (B*G
-  rows x (prompt bucket + response) slots, compute dtype). Activations and XLA temporaries are
-  not included."""
+  rows x (prompt bucket + response) slots, compute dtype), and the objective's copies of the
+  weights: reference (the KL anchor, rl.beta > 0) and teacher (RLP's EMA), each laid out like
+  the params (0 when not held). Activations and XLA temporaries are not included."""
   from rpt_jax.rl import optim, train_state  # pylint: disable=g-import-not-at-top
 
   params = nnx.state(abstract_model(model_config, None, spec.rules), nnx.Param)
@@ -144,6 +145,8 @@ def estimate_memory(spec: RunSpec, model_config: ModelConfig,
                                train_state._MeshShape(mesh_shape))  # pylint: disable=protected-access
   out["kv_cache"] = 2 * model_config.num_layers * train_state.shard_bytes(
       cache_shape, model_config.compute_dtype, cache_spec, mesh_shape)
+  out["reference"] = out["params"] if spec.rpt.loss.beta > 0 else 0
+  out["teacher"] = out["params"] if spec.rpt.objective.objective.teacher else 0
   return out
 
 
@@ -244,8 +247,10 @@ def check_run_config(spec: RunSpec, mesh: Mesh | None = None, *,
                                                                             spec.rules)
   # The train state outlives a step: while the sampler runs, the optimiser state (not an input
   # of the sampler programs) still occupies HBM.
-  resident = {"sampler_prefill": estimate["optimizer"], "sampler_decode": estimate["optimizer"],
-              "train_step": 0}
+  # So do the objective's weight copies (KL reference, EMA teacher), in every program.
+  copies = estimate["reference"] + estimate["teacher"]
+  resident = {"sampler_prefill": estimate["optimizer"] + copies,
+              "sampler_decode": estimate["optimizer"] + copies, "train_step": copies}
   if target.method == "eval_shape":
     counted = {
         "sampler_prefill": estimate["params"] + estimate["compute_params"],

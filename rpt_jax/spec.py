@@ -26,6 +26,7 @@ from rpt_jax.evaluate import EvalConfig
 from rpt_jax.model.config import ModelConfig
 from rpt_jax.pretrain import PretrainConfig
 from rpt_jax.rl import optim, prompts
+from rpt_jax.rl import objectives
 from rpt_jax.rl.loss import LossConfig
 from rpt_jax.train import RPTConfig
 from rpt_jax.validate import ConfigError
@@ -59,6 +60,16 @@ def _section(name: str, build: Callable[[], T]) -> T:
     return build()
   except (ValueError, TypeError) as e:
     raise ConfigError(_field_message(name, str(e))) from e
+
+
+def _thought_budget(value, length_reward_coef: float) -> objectives.ThoughtBudget:
+  value = tuple(value or ())
+  if len(value) not in (0, 3):
+    raise ValueError(f"thought_budget={value} must be (start, floor, decay), e.g. "
+                     "(512, 64, 0.5), or () for no budget.")
+  start, floor, decay = value or (0, 1, 1.0)
+  return objectives.ThoughtBudget(int(start), int(floor), float(decay),
+                                  float(length_reward_coef))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,12 +228,15 @@ class RunSpec:
     loss = _section("rl", lambda: LossConfig(
         eps_low=rl.eps_low, eps_high=rl.eps_high, aggregation=rl.aggregation, beta=rl.beta,
         kl_estimator=rl.kl_estimator, entropy_coef=rl.entropy_coef,
-        max_response_length=rl.max_new_tokens))
+        max_response_length=rl.max_new_tokens, ntp_coef=rl.ntp_coef))
+    objective = _section("rl", lambda: objectives.ObjectiveConfig.build(
+        rl.reward, {"ema_decay": rl.ema_decay}, kl=objectives.KLConfig(rl.reference),
+        budget=_thought_budget(rl.thought_budget, rl.length_reward_coef)))
     rpt = _section("rl", lambda: RPTConfig(
         steps=c.train.steps, batch_contexts=rl.batch_contexts,
         num_generations=rl.num_generations, temperature=rl.temperature, top_k=rl.top_k,
         top_p=rl.top_p, max_new_tokens=rl.max_new_tokens, reward=rl.reward,
-        advantage=rl.advantage, loss=loss,
+        advantage=rl.advantage, loss=loss, objective=objective, template=d.template,
         dynamic_sampling_from_step=rl.dynamic_sampling_from_step,
         dynamic_sampling_max_tries=rl.dynamic_sampling_max_tries,
         rollout_micro_batch=rl.rollout_micro_batch, train_micro_batch=rl.train_micro_batch,
@@ -237,8 +251,9 @@ class RunSpec:
         max_positions=e.max_positions or None, num_samples=e.num_samples,
         pass_k=tuple(e.pass_k), temperature=e.temperature, max_new_tokens=rl.max_new_tokens,
         template=d.template,
-        # The dense reward needs model probabilities; accuracy is the prefix match it refines.
-        reward="prefix_match" if rl.reward == "dense" else rl.reward,
+        # Dense and RLP need model scores; accuracy is the prefix match they refine.
+        reward=("prefix_match" if objective.objective.answer_score is not None
+                else rl.reward),
         batch_size=e.batch_contexts, prompt_buckets=tuple(d.prompt_buckets), seed=c.seed))
     target = c.get("compile_check")
     target = dict(target.to_dict() if isinstance(target, ml_collections.ConfigDict)

@@ -3,7 +3,10 @@
 One step (PAPER.md, Section 3.3):
   data      next `PromptBatch` of this process's contexts from the Grain loader
   rollout   the sampler prefills each context once and decodes G responses (rollout micro-batches)
-  reward    each process decodes and scores only its own rows (prefix-matching reward on bytes)
+  reward    each process decodes and scores only its own rows (prefix-matching reward on bytes);
+            objectives that need model scores (dense, RLP's information gain, the KL reference's
+            log-probs, RMT's context mask and length reward) get them from
+            `rpt_jax.rl.rollout_scores` first (`rpt_jax.rl.objectives` names them)
   advantage group-normalised advantages; from `dynamic_sampling_from_step` on, groups whose G
             rewards are all equal are dropped and the batch is refilled from further contexts
             (the choice is made on the GLOBAL rewards, the same on every process, and the kept
@@ -45,11 +48,14 @@ from rpt_jax.data.pipeline import PromptBatch
 from rpt_jax.metrics import MetricsWriter, to_float
 from rpt_jax.rl import advantages as advantages_lib
 from rpt_jax.rl import dynamic_sampling, optim, prompts, update
+from rpt_jax.rl import teacher as teacher_lib
 from rpt_jax.rl import train_state
 from rpt_jax.rl.loss import LossConfig
 from rpt_jax.rl import reward as reward_lib
-from rpt_jax.rl.reward import RewardBatch, score_rollouts
 from rpt_jax.rl.engine import SlotEngine
+from rpt_jax.rl.objectives import ObjectiveConfig
+from rpt_jax.rl.reward import RewardBatch
+from rpt_jax.rl.rollout_scores import RolloutScorer
 from rpt_jax.rl.sampler import Sampler
 
 
@@ -69,6 +75,8 @@ class RPTConfig:
   reward: str = "prefix_match"
   advantage: str = "grpo"
   loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+  objective: ObjectiveConfig | None = None  # None: `reward`'s objective, default settings
+  template: str = "v0"
   dynamic_sampling_from_step: int = 500
   dynamic_sampling_max_tries: int = 4
   rollout_micro_batch: int = 64
@@ -117,6 +125,11 @@ class RPTConfig:
         check()
       except ValueError as e:
         raise ValueError(f"rl.{field}={getattr(self, field)!r}: {e}") from None
+    if self.objective is None:
+      object.__setattr__(self, "objective", ObjectiveConfig(self.reward))
+    if self.objective.name != self.reward:
+      raise ValueError(f"rl.reward={self.reward!r} but the objective is "
+                       f"{self.objective.name!r}; build both from the same name.")
 
   @property
   def slots(self) -> int:
@@ -174,12 +187,15 @@ def process_batch_rows(mesh: Mesh, rules: mesh_lib.ShardingRules, global_batch: 
 
 
 def _pad_prompts(batch: update.RolloutBatch, width: int, pad_id: int) -> update.RolloutBatch:
-  """Right-pads prompt_tokens to `width` (candidates can come from different length buckets)."""
+  """Right-pads prompt_tokens (and the context mask) to `width` (candidates can come from
+  different length buckets)."""
   extra = width - batch.prompt_tokens.shape[1]
   if extra == 0:
     return batch
-  return batch.replace(prompt_tokens=np.pad(batch.prompt_tokens, ((0, 0), (0, extra)),
-                                            constant_values=pad_id))
+  pad = lambda x, value: np.pad(x, ((0, 0), (0, extra)), constant_values=value)  # noqa: E731
+  return batch.replace(prompt_tokens=pad(batch.prompt_tokens, pad_id),
+                       context_mask=(None if batch.context_mask is None
+                                     else pad(batch.context_mask, 0)))
 
 
 class RPTTrainer:
@@ -197,11 +213,16 @@ class RPTTrainer:
     self.G = config.num_generations
     self.optimizer = optim.make_optimizer(**config.optimizer)
     self.graphdef, _ = train_state.split_params(model)
-    self.state = train_state.create_train_state(model, self.optimizer, mesh=mesh, rules=self.rules)
+    objective = config.objective
+    self.state = train_state.create_train_state(
+        model, self.optimizer, mesh=mesh, rules=self.rules, teacher=objective.objective.teacher,
+        reference=teacher_lib.reference_source(objective.kl.reference, config.loss.beta,
+                                               model.config, mesh=mesh, rules=self.rules))
     self.train_step = update.make_train_step(
         self.graphdef, config.loss, self.optimizer, num_generations=self.G,
         temperature=config.temperature, micro_batch_contexts=config.train_micro_contexts,
-        shared_prefix=config.shared_prefix, mesh=mesh, rules=self.rules)
+        shared_prefix=config.shared_prefix, mesh=mesh, rules=self.rules,
+        ema_decay=getattr(objective.settings, "ema_decay", None))
     self.sampler = make_rollout_sampler(model, config.slots, mesh=mesh, rules=self.rules,
                                         pad_id=tokenizer.pad_id)
     self.root_key = jax.random.key(config.seed)
@@ -213,6 +234,11 @@ class RPTTrainer:
     self.data_batches = 0  # Loader batches read so far: the data position in any layout.
     self._checkpoint_seconds: float | None = None
     self._gather = jax.jit(dynamic_sampling.gather_groups, out_shardings=self.batch_sharding)
+    self.scorer = RolloutScorer(
+        self.graphdef, tokenizer, objective, config.loss, num_generations=self.G,
+        temperature=config.temperature, template=config.template,
+        shared_prefix=config.shared_prefix, to_global=self._to_global, mesh=mesh,
+        rules=self.rules)
 
   # -- state ---------------------------------------------------------------------------------------
 
@@ -284,40 +310,55 @@ class RPTTrainer:
 
   def global_scores(self, scored: RewardBatch) -> RewardBatch:
     """The rewards of ALL processes' rows (global row order): what metrics and dynamic sampling
-    read, so they equal a single process's. One all-gather of [rows, 4] fp32 (exact: rewards
-    are fp32, the rest small integers)."""
+    read, so they equal a single process's. One all-gather of [rows, 4 + components] fp32
+    (exact: rewards are fp32, the rest small integers; components are logged in fp32)."""
     lengths = (np.zeros_like(scored.rewards) if scored.response_lengths is None
                else scored.response_lengths)
+    names = sorted(scored.components)
     both = self._all_rows(np.stack([scored.rewards, scored.has_prediction, scored.correct,
-                                    lengths], axis=1).astype(np.float32))
+                                    lengths, *(scored.components[k] for k in names)],
+                                   axis=1).astype(np.float32))
     return RewardBatch(rewards=both[:, 0], has_prediction=both[:, 1] > 0,
                        correct=both[:, 2] > 0,
                        response_lengths=(None if scored.response_lengths is None
                                          else both[:, 3].astype(np.int32)),
-                       predictions=())
+                       predictions=(),
+                       components={k: both[:, 4 + i] for i, k in enumerate(names)})
+
+  def budget(self, step: int) -> int:
+    """This step's response budget: RMT's decaying thought budget, else rl.max_new_tokens."""
+    cfg = self.config
+    return cfg.objective.budget.at(step, cfg.steps, cfg.max_new_tokens)
 
   def rollout(self, batch: PromptBatch, step: int, attempt: int):
     cfg = self.config
     key = jax.random.fold_in(jax.random.fold_in(self.root_key, step), attempt)
+    # A scalar budget (one decode compile per distinct value; ThoughtBudget.at keeps them few).
     out = self.sampler.generate(
         self._to_global(batch.prompt_tokens), self._to_global(batch.prompt_lengths),
-        num_samples=self.G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        num_samples=self.G, max_new_tokens=self.budget(step), temperature=cfg.temperature,
         top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=tuple(self.tokenizer.stop_ids), rng=key,
         params=self.state.params,
         **({} if isinstance(self.sampler, SlotEngine) else
            {"micro_batch": cfg.rollout_micro_contexts}))
     # Batch-sharded again (micro-batch outputs are concatenated) so each process reads its rows.
     rows = jax.device_put((out.tokens, out.lengths, out.done), self.batch_sharding)
-    return tuple(host_rows.local_rows(x) for x in rows)
+    tokens, lengths, done = (host_rows.local_rows(x) for x in rows)
+    extra = cfg.max_new_tokens - tokens.shape[1]  # The train step sees one width every step.
+    tokens = np.pad(tokens, ((0, 0), (0, extra)), constant_values=self.tokenizer.pad_id)
+    return tokens, lengths, done
 
   def score(self, batch: PromptBatch, tokens: np.ndarray, lengths: np.ndarray,
-            done: np.ndarray):
-    """Rewards of this process's rows; a response's stop token is not part of its text."""
+            done: np.ndarray, step: int):
+    """(rewards, objective scores) of this process's rows; a response's stop token is not part
+    of its text."""
+    parts = self.scorer.score(self.state, batch.prompt_tokens, batch.prompt_lengths,
+                              batch.completions(), batch.boundary_lists(), tokens, lengths,
+                              done, self.budget(step))
     responses = prompts.response_texts(self.tokenizer, tokens, lengths, done)
     completions = [c for c in batch.completions() for _ in range(self.G)]
     boundaries = [b for b in batch.boundary_lists() for _ in range(self.G)]
-    return score_rollouts(responses, completions, boundaries, reward=self.config.reward,
-                          response_lengths=lengths)
+    return parts.rewards(responses, completions, boundaries, self.config.reward, lengths), parts
 
   def candidate(self, data_iterator, step: int, attempt: int, timer: Timer):
     """One candidate rollout batch (this process's rows, numpy) and the scored rewards of all
@@ -328,14 +369,16 @@ class RPTTrainer:
     with timer.phase("rollout"):
       tokens, lengths, done = self.rollout(batch, step, attempt)
     with timer.phase("reward"):
-      scored = self.score(batch, tokens, lengths, done)
+      scored, parts = self.score(batch, tokens, lengths, done, step)
       advantages = advantages_lib.group_advantages(
           jnp.asarray(scored.rewards), self.G, estimator=self.config.advantage)
-      mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+      # The trained tokens: the whole response, or the thought alone (RLP).
+      mask = np.arange(tokens.shape[1])[None, :] < parts.gradient_lengths[:, None]
       rollouts = update.RolloutBatch(
           prompt_tokens=batch.prompt_tokens, prompt_lengths=batch.prompt_lengths,
           completion_tokens=tokens, completion_mask=mask.astype(np.int32),
-          advantages=np.asarray(advantages, np.float32))
+          advantages=np.asarray(advantages, np.float32), ref_logprobs=parts.ref_logprobs,
+          context_mask=parts.context_mask)
       scored = self.global_scores(scored)
     return rollouts, scored
 
@@ -384,6 +427,8 @@ class RPTTrainer:
                **{f"train/{k}": to_float(v) for k, v in train_metrics.items()},
                **(choice.metrics() if self.dynamic_sampling_active(step) else {}),
                **{f"time/{k}": v for k, v in timer.seconds.items()}}
+    if cfg.objective.budget.active:
+      metrics["train/thought_budget"] = float(self.budget(step))
     metrics["time/step"] = sum(timer.seconds.values())
     if self._checkpoint_seconds is not None:  # The save after the previous step.
       metrics["time/checkpoint"] = self._checkpoint_seconds

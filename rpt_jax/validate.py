@@ -64,16 +64,6 @@ def validate_run(spec, *, mode: str, num_devices: int, num_processes: int = 1) -
     _require(rows % ways == 0,
              f"rl.{field}={getattr(rpt, field)} gives {rows} rows per micro-batch, not a "
              f"multiple of the {ways}-way batch split (data x fsdp); choose one that is.")
-  if mode in ("all", "train"):
-    # The loop scores rollouts on the host without the policy's first-token probabilities and
-    # builds no reference-policy log-probs: say so now rather than after compiling step 0.
-    from rpt_jax.rl import reward  # pylint: disable=g-import-not-at-top
-    _require(not reward.get_reward(rpt.reward).needs_first_token_prob,
-             f"rl.reward={rpt.reward!r} needs the policy's probability of the true first token, "
-             "which the RPT loop does not compute; use 'prefix_match' or 'first_token'.")
-    _require(rpt.loss.beta == 0,
-             f"rl.beta={rpt.loss.beta}: a KL penalty needs reference-policy log-probs, which "
-             "the RPT loop does not compute; use rl.beta=0 (as the paper does).")
   if mode in ("all", "pretrain") and spec.pretrain is not None:
     _require(spec.pretrain.batch_size % ways == 0,
              f"pretrain.batch_size={spec.pretrain.batch_size} must be a multiple of the "
@@ -82,6 +72,10 @@ def validate_run(spec, *, mode: str, num_devices: int, num_processes: int = 1) -
               "folder (config.json + *.safetensors).", folder=True)
   _check_path(spec.tokenizer_path, "tokenizer.path", "give a SentencePiece .model file or an "
               "HF tokenizer folder, or leave it empty.", folder=False)
+  if rpt.loss.beta > 0:
+    _check_path(rpt.objective.kl.reference, "rl.reference", "point it at a Hugging Face "
+                "checkpoint folder of the KL reference, or leave it empty to anchor to the "
+                "starting policy.", folder=True)
   _check_path(spec.proxy_hf_path, "data.proxy_hf_path", "point it at a Hugging Face checkpoint "
               "folder, or leave it empty to score with the policy.", folder=True)
   if spec.source.kind in ("text", "jsonl", "parquet"):

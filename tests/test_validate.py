@@ -67,8 +67,13 @@ BAD = [
     (dict(rl__aggregation="sum"), "rl.aggregation='sum'"),
     (dict(rl__kl_estimator="k2"), "rl.kl_estimator='k2'"),
     (dict(rl__eps_low=1.0), "rl.eps_low=1.0"),
-    (dict(rl__reward="dense"), "rl.reward='dense' needs the policy's probability"),
-    (dict(rl__beta=0.01), "rl.beta=0.01"),
+    (dict(rl__beta=-0.01), "rl.beta=-0.01"),
+    (dict(rl__reward="rlp", rl__ema_decay=1.0), "rl.ema_decay=1.0"),
+    (dict(rl__ntp_coef=-1.0), "rl.ntp_coef=-1.0"),
+    (dict(rl__thought_budget=(64, 8)), "rl.thought_budget=(64, 8)"),
+    (dict(rl__thought_budget=(8, 64, 0.5)), "rl.thought_budget=(8, 64, 0.5)"),
+    (dict(rl__length_reward_coef=0.1), "rl: length_reward_coef > 0 needs a thought budget"),
+    (dict(rl__beta=0.01, rl__reference="/nonexistent/ref"), "rl.reference='/nonexistent/ref'"),
     (dict(data__prompt_buckets=(192, 128)), "data.prompt_buckets=(192, 128)"),
     (dict(data__prompt_buckets=()), "data.prompt_buckets=()"),
     (dict(optim__learning_rate=0.0), "optim.learning_rate=0.0"),
@@ -107,9 +112,16 @@ def test_batch_split_follows_the_mesh_and_processes():
 def test_rules_that_only_some_modes_need():
   # Pretraining batch and the train-only limits do not stop an eval or an export.
   for mode in ("eval", "export", "prepare"):
-    _check(_config(pretrain__batch_size=12, rl__reward="dense", rl__beta=0.1), mode=mode)
+    _check(_config(pretrain__batch_size=12), mode=mode)
   with pytest.raises(validate.ConfigError, match="--mode='fly' is unknown"):
     _check(_config(), mode="fly")
+
+
+def test_every_objective_is_accepted_for_training():
+  for overrides in (dict(rl__reward="dense"), dict(rl__beta=0.01), dict(rl__reward="rlp"),
+                    dict(rl__ntp_coef=0.1),
+                    dict(rl__thought_budget=(64, 8, 0.5), rl__length_reward_coef=0.1)):
+    _check(_config(**overrides), mode="train")
 
 
 def test_prompt_plus_response_must_fit_the_model():

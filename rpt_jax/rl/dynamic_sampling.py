@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rpt_jax.rl.update import RolloutBatch
+from rpt_jax.rl.update import CONTEXT_FIELDS, RolloutBatch
 
 
 def groups_with_spread(rewards_N: Any, group_size: int) -> np.ndarray:
@@ -129,10 +129,15 @@ def gather_groups(candidates: Sequence[RolloutBatch], contexts_B: jax.Array, row
   """The chosen contexts and rows of the candidates stacked along the batch (indices from
   `GroupChoice.rows`); rows with keep 0 become inert (mask and advantage 0). Traceable: the
   loop jits it with the batch sharding as output, so rows move between devices on device."""
-  cat = lambda name: jnp.concatenate([getattr(c, name) for c in candidates])  # noqa: E731
-  return RolloutBatch(
-      prompt_tokens=cat("prompt_tokens")[contexts_B],
-      prompt_lengths=cat("prompt_lengths")[contexts_B],
-      completion_tokens=cat("completion_tokens")[rows_R],
-      completion_mask=cat("completion_mask")[rows_R] * keep_R[:, None].astype(jnp.int32),
-      advantages=cat("advantages")[rows_R] * keep_R)
+  def pick(name):
+    if getattr(candidates[0], name) is None:
+      return None
+    x = jnp.concatenate([getattr(c, name) for c in candidates])
+    if name in CONTEXT_FIELDS:
+      return x[contexts_B]
+    x = x[rows_R]
+    keep = keep_R.reshape(keep_R.shape + (1,) * (x.ndim - 1)).astype(x.dtype)
+    # Inert rows: no tokens and no advantage; their other fields are never read.
+    return x * keep if name in ("completion_mask", "advantages") else x
+
+  return RolloutBatch(**{f.name: pick(f.name) for f in dataclasses.fields(RolloutBatch)})

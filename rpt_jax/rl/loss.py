@@ -264,6 +264,8 @@ class LossConfig:
     entropy_coef: weight of the entropy bonus (subtracted; needs entropies when != 0).
     max_response_length: the constant that divides per-sequence token sums in
       'seq-mean-token-sum-norm'.
+    ntp_coef: weight of RMT's next-token loss on the context tokens (mean NLL over the
+      batch's context tokens; `rpt_jax.rl.context_ntp`); 0 = off.
   """
 
   eps_low: float = 0.2
@@ -273,6 +275,7 @@ class LossConfig:
   kl_estimator: str = "k3"
   entropy_coef: float = 0.0
   max_response_length: int | None = None
+  ntp_coef: float = 0.0
 
   def __post_init__(self):
     if not 0.0 <= self.eps_low < 1.0:
@@ -288,6 +291,9 @@ class LossConfig:
     if self.kl_estimator not in KL_ESTIMATORS:
       raise ValueError(f"LossConfig.kl_estimator={self.kl_estimator!r} is unknown; choose one "
                        f"of {sorted(KL_ESTIMATORS)}.")
+    if not (math.isfinite(self.ntp_coef) and self.ntp_coef >= 0.0):
+      raise ValueError(f"ntp_coef={self.ntp_coef} must be >= 0 (0 disables the next-token "
+                       "loss).")
     if not math.isfinite(self.entropy_coef):
       raise ValueError(f"LossConfig.entropy_coef={self.entropy_coef} must be finite.")
     if self.aggregation == "seq-mean-token-sum-norm" and (
@@ -412,4 +418,7 @@ def finalize_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     out["entropy"] = metrics["entropy_sum"] / n
   if "ref_kl_sum" in metrics:
     out["ref_kl"] = metrics["ref_kl_sum"] / n
+  if "ntp_loss_sum" in metrics:
+    out["ntp_loss"] = metrics["ntp_loss_sum"] / jnp.maximum(metrics["ntp_tokens"], 1.0)
+    out["ntp_tokens"] = metrics["ntp_tokens"]
   return out

@@ -12,6 +12,11 @@ Rewards (registry `REWARDS`, selected by name in the config):
 - `prefix_match` (default, the paper's): 1 iff p == g[:len(p)] and len(p) in L_gt.
 - `first_token`: 1 iff p is exactly the first token's bytes.
 - `dense`: 1 if `prefix_match` is 1, else the given probability of the true first token.
+- `rlp`: the given information gain of the thought (RLP, arXiv 2510.01265):
+  log p(x_t | x_<t, thought) - log p_EMA(x_t | x_<t); `correct` is still the prefix match.
+
+The model scores (first-token probability, information gain) come from
+`rpt_jax.rl.answer_logprob`; the trainer computes them in the rollout phase.
 
 Everything compares bytes, never str: a token boundary may fall inside a multi-byte character
 (byte-fallback tokens), and str comparison could not express that.
@@ -98,14 +103,15 @@ def dense_reward(prediction: str | bytes | None, completion: bytes, boundaries: 
 
 
 class RewardFn(Protocol):
-  """A registered reward: (bytes prediction or None, completion, boundaries, prob) -> (r, hit).
+  """A registered reward: (bytes prediction or None, completion, boundaries, score) -> (r, hit).
 
-  `hit` is the exact-answer indicator behind `accuracy`; `prob` is the true first token's
-  probability (None unless the reward declares `needs_first_token_prob`).
+  `hit` is the exact-answer indicator behind `accuracy`; `score` is the model score the reward
+  declares it needs (the true first token's probability, or the thought's information gain),
+  None for rewards that need none.
   """
 
   def __call__(self, p: bytes | None, completion: bytes, boundaries: Sequence[int],
-               prob: float | None) -> tuple[float, bool]:
+               score: float | None) -> tuple[float, bool]:
     ...
 
 
@@ -113,6 +119,7 @@ class RewardFn(Protocol):
 class RewardSpec:
   fn: RewardFn
   needs_first_token_prob: bool = False
+  needs_information_gain: bool = False
 
 
 def _prefix_match_fn(p, completion, boundaries, prob):
@@ -132,19 +139,26 @@ def _dense_fn(p, completion, boundaries, prob):
   return (1.0 if hit else float(prob)), hit
 
 
+def _rlp_fn(p, completion, boundaries, gain):
+  return float(gain), _prefix_hit(p, completion, boundaries)
+
+
 _REWARDS: dict[str, RewardSpec] = {}
 REWARDS: Mapping[str, RewardSpec] = types.MappingProxyType(_REWARDS)
 
 
 def register_reward(name: str, fn: RewardFn, *, needs_first_token_prob: bool = False,
-                    overwrite: bool = False) -> None:
+                    needs_information_gain: bool = False, overwrite: bool = False) -> None:
   """Registers a reward under `name` (see `RewardFn` for the call signature)."""
   if not isinstance(name, str) or not name:
     raise ValueError(f"reward name must be a non-empty string, got {name!r}")
   if name in _REWARDS and not overwrite:
     raise ValueError(
         f"reward {name!r} is already registered; pick another name or pass overwrite=True")
-  _REWARDS[name] = RewardSpec(fn, needs_first_token_prob)
+  if needs_first_token_prob and needs_information_gain:
+    raise ValueError(f"reward {name!r}: a reward takes one model score; choose "
+                     "needs_first_token_prob or needs_information_gain")
+  _REWARDS[name] = RewardSpec(fn, needs_first_token_prob, needs_information_gain)
 
 
 def get_reward(name: str) -> RewardSpec:
@@ -159,6 +173,7 @@ def get_reward(name: str) -> RewardSpec:
 register_reward("prefix_match", _prefix_match_fn)
 register_reward("first_token", _first_token_fn)
 register_reward("dense", _dense_fn, needs_first_token_prob=True)
+register_reward("rlp", _rlp_fn, needs_information_gain=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +187,8 @@ class RewardBatch:
     correct: bool [N], the exact-answer hit of the chosen reward (for `dense`: the prefix match).
     response_lengths: int32 [N] in tokens as given by the caller, or None if not given.
     predictions: the extracted answers (None where there is none), length N.
+    components: named per-row parts of the objective [N] (e.g. 'first_token_prob',
+      'information_gain', 'length_reward', 'thought_length'), logged as their means.
   """
 
   rewards: np.ndarray
@@ -179,9 +196,11 @@ class RewardBatch:
   correct: np.ndarray
   response_lengths: np.ndarray | None
   predictions: tuple[str | None, ...]
+  components: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def metrics(self) -> dict[str, float]:
-    """format_rate, accuracy, mean_reward, mean_response_length (NaN if unknown or N == 0)."""
+    """format_rate, accuracy, mean_reward, mean_response_length (NaN if unknown or N == 0),
+    and the mean of each component under its name."""
     n = self.rewards.shape[0]
 
     def mean(x):
@@ -193,12 +212,14 @@ class RewardBatch:
         "mean_reward": mean(self.rewards),
         "mean_response_length": (math.nan if self.response_lengths is None
                                  else mean(self.response_lengths)),
+        **{name: mean(values) for name, values in self.components.items()},
     }
 
 
 def score_rollouts(responses: Sequence[str], completions: Sequence[bytes],
                    boundaries: Sequence[Sequence[int]], *, reward: str = "prefix_match",
                    first_token_probs: np.ndarray | None = None,
+                   information_gains: np.ndarray | None = None,
                    response_lengths: Sequence[int] | None = None) -> RewardBatch:
   """Extracts each response's answer and scores it against its row's ground truth.
 
@@ -208,6 +229,7 @@ def score_rollouts(responses: Sequence[str], completions: Sequence[bytes],
     boundaries: N boundary lists (cumulative byte lengths of the next tokens).
     reward: a name in `REWARDS`.
     first_token_probs: float [N] in [0, 1], required by `dense`.
+    information_gains: float [N] (nats, finite), required by `rlp`.
     response_lengths: N response lengths in tokens, for `mean_response_length`.
 
   Returns:
@@ -218,15 +240,22 @@ def score_rollouts(responses: Sequence[str], completions: Sequence[bytes],
   for name, seq in (("completions", completions), ("boundaries", boundaries)):
     if len(seq) != n:
       raise ValueError(f"{name} has {len(seq)} rows but responses has {n}; pass one per row")
-  probs = None
+  scores = None
   if spec.needs_first_token_prob:
     if first_token_probs is None:
       raise ValueError(f"reward {reward!r} needs first_token_probs (float [N] in [0, 1])")
-    probs = np.asarray(first_token_probs, dtype=np.float64)
-    if probs.shape != (n,):
-      raise ValueError(f"first_token_probs has shape {probs.shape}, expected ({n},)")
-    if not np.all((probs >= 0.0) & (probs <= 1.0)):
+    scores = np.asarray(first_token_probs, dtype=np.float64)
+    if scores.shape != (n,):
+      raise ValueError(f"first_token_probs has shape {scores.shape}, expected ({n},)")
+    if not np.all((scores >= 0.0) & (scores <= 1.0)):
       raise ValueError("first_token_probs must be probabilities in [0, 1] (no NaN)")
+  elif spec.needs_information_gain:
+    if information_gains is None:
+      raise ValueError(f"reward {reward!r} needs information_gains (float [N], nats)")
+    scores = np.asarray(information_gains, dtype=np.float64)
+    if scores.shape != (n,) or not np.all(np.isfinite(scores)):
+      raise ValueError(f"information_gains must be finite floats of shape ({n},); got shape "
+                       f"{scores.shape}")
   lengths = None
   if response_lengths is not None:
     lengths = np.asarray(response_lengths, dtype=np.int32)
@@ -244,7 +273,7 @@ def score_rollouts(responses: Sequence[str], completions: Sequence[bytes],
     p = _prediction_bytes(prediction)
     has_prediction[i] = bool(p)
     rewards[i], correct[i] = spec.fn(p, completions[i], boundaries[i],
-                                     None if probs is None else float(probs[i]))
+                                     None if scores is None else float(scores[i]))
   return RewardBatch(rewards, has_prediction, correct, lengths, tuple(predictions))
 
 

@@ -28,14 +28,16 @@ from rpt_jax.rl import optim
 class TrainState:
   """params: nnx.State of the model's nnx.Params; opt_state: the optax state; step: int32 [],
   the number of train steps ATTEMPTED (skipped non-finite steps included; the optimiser's own
-  count, which drives the learning-rate schedule, only counts applied updates)."""
+  count, which drives the learning-rate schedule, only counts applied updates).
+  teacher: an EMA copy of the params (RLP's no-thought baseline), or None.
+  reference: the frozen KL reference params (rl.beta > 0), or None.
+  Both are laid out like `params` and saved with the state, so a resume is exact."""
 
   params: nnx.State
   opt_state: Any
   step: jax.Array
-
-
-
+  teacher: Any = None
+  reference: Any = None
 
 def split_params(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
   """(graphdef, params) of a model whose only state is nnx.Params; raises otherwise."""
@@ -47,15 +49,26 @@ def split_params(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def train_state_shardings(params: nnx.State, optimizer: optax.GradientTransformation,
-                          mesh: Mesh, rules: mesh_lib.ShardingRules | None = None) -> TrainState:
-  """A TrainState of NamedShardings: params by their logical axes, the optimiser state like the
-  parameters it mirrors, the step replicated. `params` may be abstract (nnx.eval_shape)."""
+                          mesh: Mesh, rules: mesh_lib.ShardingRules | None = None, *,
+                          teacher: bool = False, reference: bool = False) -> TrainState:
+  """A TrainState of NamedShardings: params (and the teacher/reference copies, when present) by
+  their logical axes, the optimiser state like the parameters it mirrors, the step replicated.
+  `params` may be abstract (nnx.eval_shape)."""
   param_sh = mesh_lib.state_shardings(params, mesh, rules)
   replicated = NamedSharding(mesh, P())
   return TrainState(params=param_sh,
                     opt_state=optim.map_opt_state(optimizer, params, lambda _, sh: sh, param_sh,
                                                   lambda _: replicated),
-                    step=replicated)
+                    step=replicated, teacher=param_sh if teacher else None,
+                    reference=param_sh if reference else None)
+
+
+def shardings_like(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh,
+                   rules: mesh_lib.ShardingRules | None = None) -> TrainState:
+  """`train_state_shardings` for the fields `state` holds."""
+  return train_state_shardings(state.params, optimizer, mesh, rules,
+                               teacher=state.teacher is not None,
+                               reference=state.reference is not None)
 
 
 def abstract_train_state(params: nnx.State, optimizer: optax.GradientTransformation,
@@ -75,24 +88,34 @@ def abstract_train_state(params: nnx.State, optimizer: optax.GradientTransformat
 
 def create_train_state(model: Transformer, optimizer: optax.GradientTransformation,
                        mesh: Mesh | None = None,
-                       rules: mesh_lib.ShardingRules | None = None) -> TrainState:
+                       rules: mesh_lib.ShardingRules | None = None, *, teacher: bool = False,
+                       reference: Any = None) -> TrainState:
   """Params of `model` (placed by their logical axes with a mesh), a fresh optimiser state with
   matching shardings (initialised under jit with those out_shardings), step 0.
+  teacher: also hold an EMA teacher, starting as a copy of the params.
+  reference: also hold a frozen KL reference: True copies the params, an nnx.State (e.g. the
+  weights of `rl.reference`) is placed like them.
 
   The state holds its OWN copies of the weights (the train step donates them; `model` keeps
   working). Use `split_params(model)[0]` as the graphdef for `make_train_step`.
   """
   _, params = split_params(model)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+  ref_source = params if reference is True else reference
   if mesh is None:
-    params = jax.jit(copy)(params)
+    place = jax.jit(copy)
+    params = place(params)
     return TrainState(params=params, opt_state=optimizer.init(params),
-                      step=jnp.zeros((), jnp.int32))
+                      step=jnp.zeros((), jnp.int32), teacher=place(params) if teacher else None,
+                      reference=None if ref_source is None else place(ref_source))
   shardings = train_state_shardings(params, optimizer, mesh, rules)
-  params = jax.jit(copy, out_shardings=shardings.params)(params)
+  place = jax.jit(copy, out_shardings=shardings.params)
+  params = place(params)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
-  return TrainState(params=params, opt_state=opt_state, step=step)
+  return TrainState(params=params, opt_state=opt_state, step=step,
+                    teacher=place(params) if teacher else None,
+                    reference=None if ref_source is None else place(ref_source))
 
 
 class _MeshShape:

@@ -41,7 +41,9 @@ from rpt_jax import mesh as mesh_lib
 from rpt_jax.model.transformer import KVCache, Transformer
 from rpt_jax.rl import loss as loss_lib
 from rpt_jax.rl.optim import current_learning_rate
-from rpt_jax.rl.train_state import TrainState, train_state_shardings
+from rpt_jax.rl import context_ntp
+from rpt_jax.rl.teacher import ema_update
+from rpt_jax.rl.train_state import TrainState, shardings_like
 
 Array = jax.Array
 
@@ -58,6 +60,8 @@ class RolloutBatch:
   old_logprobs:      float [B*G, N] | None  sampling-policy log-probs; None = exactly on-policy
                      (old = stop_gradient(new): ratio 1, the paper's setting).
   ref_logprobs:      float [B*G, N] | None  reference-policy log-probs (for LossConfig.beta > 0).
+  context_mask:      int [B, Lp] | None  1 on the prompt's context tokens (for
+                     LossConfig.ntp_coef > 0; `rpt_jax.rl.context_ntp.context_mask`).
   """
 
   prompt_tokens: Any
@@ -67,13 +71,16 @@ class RolloutBatch:
   advantages: Any
   old_logprobs: Any = None
   ref_logprobs: Any = None
+  context_mask: Any = None
 
 
 # Logical axes of each field (leading axis 'batch': contexts or rows).
 _BATCH_AXES = dict(prompt_tokens=("batch", "length"), prompt_lengths=("batch",),
                    completion_tokens=("batch", "length"), completion_mask=("batch", "length"),
                    advantages=("batch",), old_logprobs=("batch", "length"),
-                   ref_logprobs=("batch", "length"))
+                   ref_logprobs=("batch", "length"), context_mask=("batch", "length"))
+# Fields with one row per CONTEXT (the others have one per rollout).
+CONTEXT_FIELDS = ("prompt_tokens", "prompt_lengths", "context_mask")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,12 +97,13 @@ def _constrain(x: Array, axes: tuple, mesh: Mesh | None, rules) -> Array:
 
 def completion_hidden_states(model: Transformer, prompt_tokens: Array, prompt_lengths: Array,
                              completion_tokens: Array, *, num_generations: int,
-                             shared_prefix: bool = True) -> Array:
+                             shared_prefix: bool = True, with_prompt: bool = False):
   """hidden_RND: the final hidden state that PREDICTS each completion token (R = B*G rows).
 
   Row r belongs to context r // G. Token 0 is predicted by the last prompt token (position
   len-1), token i > 0 by completion token i-1 (position len+i-1). The last completion token is
-  never fed (nothing after it is scored).
+  never fed (nothing after it is scored). with_prompt: returns (hidden_RND, hidden_BLD), the
+  latter the prompts' own hidden states (position i predicts prompt token i+1).
   """
   b, lp = prompt_tokens.shape
   r, n = completion_tokens.shape
@@ -110,11 +118,12 @@ def completion_hidden_states(model: Transformer, prompt_tokens: Array, prompt_le
     last_B1D = jnp.take_along_axis(hidden_BLD, (lengths_B - 1)[:, None, None], axis=1)
     last_R1D = jnp.repeat(last_B1D, g, axis=0)
     if n == 1:
-      return last_R1D
+      return (last_R1D, hidden_BLD) if with_prompt else last_R1D
     positions_RN1 = lengths_R[:, None] + steps_N1[None, :]
     hidden_RN1D, _ = model.hidden_states(completion_tokens[:, :-1], positions_RN1, None,
                                          cache=cache.repeat(g))
-    return jnp.concatenate([last_R1D, hidden_RN1D], axis=1)
+    hidden_RND = jnp.concatenate([last_R1D, hidden_RN1D], axis=1)
+    return (hidden_RND, hidden_BLD) if with_prompt else hidden_RND
   # Plain: every row carries its own copy of the (padded) prompt.
   tokens_RT = jnp.concatenate([jnp.repeat(prompt_tokens, g, axis=0), completion_tokens[:, :-1]],
                               axis=1)
@@ -126,27 +135,31 @@ def completion_hidden_states(model: Transformer, prompt_tokens: Array, prompt_le
   hidden_RTD, _ = model.hidden_states(tokens_RT, positions_RT, mask_RT)
   index_RN = jnp.concatenate([lengths_R[:, None] - 1,
                               jnp.broadcast_to(lp + steps_N1, (r, n - 1))], axis=1)
-  return jnp.take_along_axis(hidden_RTD, index_RN[..., None], axis=1)
+  hidden_RND = jnp.take_along_axis(hidden_RTD, index_RN[..., None], axis=1)
+  return (hidden_RND, hidden_RTD[::g, :lp]) if with_prompt else hidden_RND
 
 
 def completion_logprobs(model: Transformer, prompt_tokens: Array, prompt_lengths: Array,
                         completion_tokens: Array, *, num_generations: int, temperature: float,
                         shared_prefix: bool = True, mesh: Mesh | None = None, rules: Any = None,
-                        chunk_size: int = 256) -> tuple[Array, Array]:
+                        chunk_size: int = 256, with_prompt: bool = False):
   """(logp_RN, entropy_RN), fp32: log pi(completion token) and the entropy of the next-token
   distribution at that position, under softmax(logits / temperature) (the sampler's
   distribution). Differentiable; vocab-parallel over the mesh when vocab is sharded.
+  with_prompt: also the prompts' hidden states [B, Lp, D] (for the context NTP loss).
 
   Also the way to compute `old_logprobs`/`ref_logprobs` for a RolloutBatch with another model.
   """
-  hidden_RND = completion_hidden_states(model, prompt_tokens, prompt_lengths, completion_tokens,
-                                        num_generations=num_generations,
-                                        shared_prefix=shared_prefix)
+  hidden = completion_hidden_states(model, prompt_tokens, prompt_lengths, completion_tokens,
+                                    num_generations=num_generations,
+                                    shared_prefix=shared_prefix, with_prompt=with_prompt)
+  hidden_RND, prompt_BLD = hidden if with_prompt else (hidden, None)
   hidden_RND = _constrain(hidden_RND, ("batch", "length", None), mesh, rules)
   unembed_DV = model.unembedding().astype(hidden_RND.dtype)
-  return loss_lib.token_logprobs_and_entropy(
+  logp_RN, entropy_RN = loss_lib.token_logprobs_and_entropy(
       hidden_RND, unembed_DV, completion_tokens.astype(jnp.int32), temperature=temperature,
       chunk_size=chunk_size, mesh=mesh, rules=rules)
+  return (logp_RN, entropy_RN, prompt_BLD) if with_prompt else (logp_RN, entropy_RN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,11 +185,9 @@ def _micro_batches(batch: RolloutBatch, num_micro: int, g: int) -> RolloutBatch:
     x = jnp.asarray(x).reshape(c, num_micro, g, *x.shape[1:]).swapaxes(0, 1)
     return x.reshape(num_micro, c * g, *x.shape[3:])
 
-  return RolloutBatch(
-      prompt_tokens=contexts(batch.prompt_tokens), prompt_lengths=contexts(batch.prompt_lengths),
-      completion_tokens=rows(batch.completion_tokens),
-      completion_mask=rows(batch.completion_mask), advantages=rows(batch.advantages),
-      old_logprobs=rows(batch.old_logprobs), ref_logprobs=rows(batch.ref_logprobs))
+  return RolloutBatch(**{
+      name: (contexts if name in CONTEXT_FIELDS else rows)(getattr(batch, name))
+      for name in _BATCH_AXES})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +198,7 @@ class _StepConfig:
   micro_batch_contexts: int
   shared_prefix: bool
   logprob_chunk_size: int
+  ema_decay: float | None
 
 
 class TrainStep:
@@ -195,7 +207,8 @@ class TrainStep:
   def __init__(self, graphdef: nnx.GraphDef, loss_config: loss_lib.LossConfig,
                optimizer: optax.GradientTransformation, *, num_generations: int,
                temperature: float, micro_batch_contexts: int, shared_prefix: bool = True,
-               mesh: Mesh | None = None, rules: Any = None, logprob_chunk_size: int = 256):
+               mesh: Mesh | None = None, rules: Any = None, logprob_chunk_size: int = 256,
+               ema_decay: float | None = None):
     if not isinstance(loss_config, loss_lib.LossConfig):
       raise ValueError(f"loss_config must be a rpt_jax.rl.loss.LossConfig, got "
                        f"{type(loss_config).__name__}.")
@@ -210,24 +223,36 @@ class TrainStep:
     self.rules = mesh_lib.ShardingRules.from_config(rules)
     self.config = _StepConfig(loss_config, int(num_generations), float(temperature),
                               int(micro_batch_contexts), bool(shared_prefix),
-                              int(logprob_chunk_size))
+                              int(logprob_chunk_size),
+                              None if ema_decay is None else float(ema_decay))
     self._jitted: dict[Any, Callable] = {}
 
   # ---- numerics (traceable) ------------------------------------------------------------------
 
-  def _micro_loss(self, params, mb: RolloutBatch, denominator):
+  def _micro_loss(self, params, mb: RolloutBatch, denominators):
     cfg = self.config
+    denominator, ntp_denominator = denominators
     model = nnx.merge(self.graphdef, params)
-    logp_RN, entropy_RN = completion_logprobs(
+    ntp = cfg.loss_config.ntp_coef > 0
+    logp_RN, entropy_RN, *prompt_hidden = completion_logprobs(
         model, mb.prompt_tokens, mb.prompt_lengths, mb.completion_tokens,
         num_generations=cfg.num_generations, temperature=cfg.temperature,
         shared_prefix=cfg.shared_prefix, mesh=self.mesh, rules=self.rules,
-        chunk_size=cfg.logprob_chunk_size)
+        chunk_size=cfg.logprob_chunk_size, with_prompt=ntp)
     old_RN = (jax.lax.stop_gradient(logp_RN) if mb.old_logprobs is None else mb.old_logprobs)
     loss_sum, _, metrics = loss_lib.policy_loss(
         logp_RN, old_RN, mb.advantages, mb.completion_mask, config=cfg.loss_config,
         ref_logp_BT=mb.ref_logprobs, entropy_BT=entropy_RN)
-    return loss_sum / jnp.maximum(denominator, 1.0), (loss_sum, metrics)
+    loss = loss_sum / jnp.maximum(denominator, 1.0)
+    if ntp:
+      ntp_sum, ntp_tokens = context_ntp.ntp_sums(
+          model, prompt_hidden[0], mb.prompt_tokens, mb.context_mask, mesh=self.mesh,
+          rules=self.rules, chunk_size=cfg.logprob_chunk_size)
+      # Mean over the WHOLE batch's context tokens, so accumulation stays exact.
+      loss = loss + cfg.loss_config.ntp_coef * ntp_sum / jnp.maximum(ntp_denominator, 1.0)
+      metrics = dict(metrics, ntp_loss_sum=jax.lax.stop_gradient(ntp_sum),
+                     ntp_tokens=ntp_tokens)
+    return loss, (loss_sum, metrics)
 
   def loss_and_grads(self, params: nnx.State, batch: RolloutBatch
                      ) -> tuple[Array, nnx.State, dict[str, Array]]:
@@ -238,6 +263,9 @@ class TrainStep:
     cfg = self.config
     # The global denominator depends only on the masks (tokens or sequences of the whole batch).
     denominator = loss_lib.loss_denominator(batch.completion_mask, cfg.loss_config)
+    ntp_denominator = (jnp.asarray(batch.context_mask)[:, 1:].astype(jnp.float32).sum()
+                       if cfg.loss_config.ntp_coef > 0 else jnp.zeros((), jnp.float32))
+    denominators = (denominator, ntp_denominator)
     num_micro = batch.prompt_tokens.shape[0] // cfg.micro_batch_contexts
     micro = _micro_batches(batch, num_micro, cfg.num_generations)
     micro = jax.tree.map(
@@ -248,7 +276,7 @@ class TrainStep:
                 else mesh_lib.state_shardings(params, self.mesh, self.rules))
 
     def body(carry, mb):
-      (_, (loss_sum, metrics)), grads = grad_fn(params, mb, denominator)
+      (_, (loss_sum, metrics)), grads = grad_fn(params, mb, denominators)
       acc_grads, acc_loss, acc_metrics = carry
       grads = jax.tree.map(jnp.add, acc_grads, grads)
       if param_sh is not None:  # Keep the accumulator sharded like the params (reduce-scatter).
@@ -257,7 +285,7 @@ class TrainStep:
       return (grads, acc_loss + loss_sum, metrics), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    (_, (_, metric_shapes)), grad_shapes = jax.eval_shape(grad_fn, params, first, denominator)
+    (_, (_, metric_shapes)), grad_shapes = jax.eval_shape(grad_fn, params, first, denominators)
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                         (grad_shapes, jnp.zeros((), jnp.float32), metric_shapes))
     if param_sh is not None:
@@ -266,7 +294,11 @@ class TrainStep:
       (grads, loss_sum, metrics), _ = body(init, first)
     else:
       (grads, loss_sum, metrics), _ = jax.lax.scan(body, init, micro)
-    return loss_lib.mean_loss(loss_sum, denominator), grads, metrics
+    loss = loss_lib.mean_loss(loss_sum, denominator)
+    if "ntp_loss_sum" in metrics:
+      loss = loss + cfg.loss_config.ntp_coef * loss_lib.mean_loss(metrics["ntp_loss_sum"],
+                                                                   ntp_denominator)
+    return loss, grads, metrics
 
   def _step(self, state: TrainState, batch: RolloutBatch) -> tuple[TrainState, dict[str, Array]]:
     loss, grads, metric_sums = self.loss_and_grads(state.params, batch)
@@ -288,7 +320,11 @@ class TrainStep:
         learning_rate=current_learning_rate(new_opt_state),
         mean_advantage=(jnp.where(has_tokens_R, advantages_R, 0.0).sum()
                         / jnp.maximum(has_tokens_R.sum(), 1)))
-    new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
+    teacher = state.teacher
+    if teacher is not None:  # RLP's EMA teacher follows every applied update.
+      teacher = ema_update(teacher, params, self.config.ema_decay)
+    new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1,
+                           teacher=teacher, reference=state.reference)
     return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 
   # ---- host side -----------------------------------------------------------------------------
@@ -305,7 +341,8 @@ class TrainStep:
       raise ValueError(f"completion_tokens must be [B*G, N]; got shape "
                        f"{shape(batch.completion_tokens)}.")
     rows, n = shape(batch.completion_tokens)
-    expected = {"prompt_lengths": (b,), "completion_tokens": (b * g, n),
+    expected = {"prompt_lengths": (b,), "context_mask": (b, lp),
+                "completion_tokens": (b * g, n),
                 "completion_mask": (b * g, n), "advantages": (b * g,),
                 "old_logprobs": (b * g, n), "ref_logprobs": (b * g, n)}
     for name, want in expected.items():
@@ -322,6 +359,10 @@ class TrainStep:
       raise ValueError(f"LossConfig.beta={cfg.loss_config.beta} needs RolloutBatch.ref_logprobs; "
                        "compute them with completion_logprobs on the reference model or set "
                        "beta=0.")
+    if cfg.loss_config.ntp_coef > 0 and batch.context_mask is None:
+      raise ValueError(f"LossConfig.ntp_coef={cfg.loss_config.ntp_coef} needs "
+                       "RolloutBatch.context_mask (rpt_jax.rl.context_ntp.context_mask) or "
+                       "ntp_coef=0.")
     if isinstance(batch.prompt_lengths, np.ndarray):
       lengths = batch.prompt_lengths
       if lengths.min(initial=1) < 1 or lengths.max(initial=1) > lp:
@@ -340,14 +381,17 @@ class TrainStep:
         for name, axes in _BATCH_AXES.items()})
 
   def _compiled_for(self, state: TrainState, batch: RolloutBatch) -> Callable:
-    key = (jax.tree.structure(batch),
+    if state.teacher is not None and self.config.ema_decay is None:
+      raise ValueError("the train state holds an EMA teacher but the train step has no "
+                       "ema_decay; pass make_train_step(..., ema_decay=...).")
+    key = (jax.tree.structure(state),jax.tree.structure(batch),
            tuple((np.shape(x), np.result_type(x)) for x in jax.tree.leaves(batch)))
     fn = self._jitted.get(key)
     if fn is None:
       if self.mesh is None:
         fn = jax.jit(self._step, donate_argnums=0)
       else:
-        state_sh = train_state_shardings(state.params, self.optimizer, self.mesh, self.rules)
+        state_sh = shardings_like(state, self.optimizer, self.mesh, self.rules)
         fn = jax.jit(self._step, in_shardings=(state_sh, self.batch_shardings(batch)),
                      out_shardings=(state_sh, NamedSharding(self.mesh, P())),
                      donate_argnums=0)
@@ -370,7 +414,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_config: loss_lib.LossConfig,
                     optimizer: optax.GradientTransformation, *, num_generations: int,
                     temperature: float, micro_batch_contexts: int, shared_prefix: bool = True,
                     mesh: Mesh | None = None, rules: Any = None,
-                    logprob_chunk_size: int = 256) -> TrainStep:
+                    logprob_chunk_size: int = 256, ema_decay: float | None = None) -> TrainStep:
   """The jitted RPT update `train_step(state, batch) -> (state, metrics)`.
 
   Args:
@@ -388,16 +432,19 @@ def make_train_step(graphdef: nnx.GraphDef, loss_config: loss_lib.LossConfig,
       state like the params), batch leaves are split over the 'batch' rule (('data','fsdp')), and
       log-probs are vocab-parallel where 'vocab' maps to a mesh axis (default 'tensor').
     logprob_chunk_size: positions per chunk of the log-prob/entropy computation.
+    ema_decay: the decay of the state's EMA teacher (`state.teacher`, RLP), updated after every
+      step from the new params; needed when the state holds a teacher.
 
   The returned callable donates `state`. A step whose loss or gradient norm is not finite is
   SKIPPED: params and opt_state come back unchanged, `step` still advances (it counts attempts),
   metrics['skipped'] = 1. Metrics (fp32 scalars): loss, grad_norm (before clipping),
   learning_rate (of this update), skipped, mean_advantage (over rows with >= 1 valid token),
   pg_loss, ratio_mean, approx_kl, clip_fraction (+ _high/_low), entropy, num_tokens,
-  num_sequences, and ref_kl when ref log-probs are given. A new batch shape or a new set of
+  num_sequences, ref_kl when ref log-probs are given, ntp_loss / ntp_tokens when
+  LossConfig.ntp_coef > 0 (`loss` then includes ntp_coef * ntp_loss). A new batch shape or a new set of
   optional fields compiles a new program (kept in a small cache).
   """
   return TrainStep(graphdef, loss_config, optimizer, num_generations=num_generations,
                    temperature=temperature, micro_batch_contexts=micro_batch_contexts,
                    shared_prefix=shared_prefix, mesh=mesh, rules=rules,
-                   logprob_chunk_size=logprob_chunk_size)
+                   logprob_chunk_size=logprob_chunk_size, ema_decay=ema_decay)

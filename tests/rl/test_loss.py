@@ -341,6 +341,8 @@ def test_config_validation():
     LossConfig(eps_low=1.0)
   with pytest.raises(ValueError, match="beta"):
     LossConfig(beta=-0.1)
+  with pytest.raises(ValueError, match="ntp_coef=-0.5"):
+    LossConfig(ntp_coef=-0.5)
   logp, old, adv, mask, _, _ = _loss_batch()
   with pytest.raises(ValueError, match="ref_logp_BT"):
     policy_loss(logp, old, adv, mask, config=LossConfig(beta=0.1))

@@ -1,5 +1,6 @@
 """Tests for rpt_jax/rl/reward.py against hand-worked cases (bytes, boundaries, variants)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -107,6 +108,24 @@ def test_score_rollouts_first_token_and_dense():
   m = dense.metrics()
   assert m["accuracy"] == pytest.approx(3 / 6)  # share of exact hits, not of reward mass
   assert m["mean_reward"] == pytest.approx((3 + 0.2 + 0.4) / 6, abs=1e-6)
+
+
+def test_score_rollouts_rlp_and_components():
+  """RLP: the reward is the given information gain whatever the answer; `correct` is still the
+  prefix match; components are logged as their means."""
+  gains = np.array([0.5, -1.25, 2.0, 0.0, -0.5, 3.0])
+  rlp = score_rollouts(RESPONSES, COMPLETIONS, BOUNDARIES, reward="rlp",
+                       information_gains=gains)
+  np.testing.assert_allclose(rlp.rewards, gains, rtol=0, atol=1e-7)
+  prefix = score_rollouts(RESPONSES, COMPLETIONS, BOUNDARIES)
+  np.testing.assert_array_equal(rlp.correct, prefix.correct)
+  m = dataclasses.replace(rlp, components={"information_gain": gains}).metrics()
+  assert m["information_gain"] == pytest.approx(gains.mean())
+  with pytest.raises(ValueError, match="needs information_gains"):
+    score_rollouts(RESPONSES, COMPLETIONS, BOUNDARIES, reward="rlp")
+  with pytest.raises(ValueError, match="finite"):
+    score_rollouts(RESPONSES, COMPLETIONS, BOUNDARIES, reward="rlp",
+                   information_gains=gains * np.nan)
 
 
 def test_score_rollouts_errors():

@@ -28,7 +28,7 @@ from rpt_jax.pretrain import PretrainConfig
 from rpt_jax.rl import optim, prompts
 from rpt_jax.rl import objectives
 from rpt_jax.rl.loss import LossConfig
-from rpt_jax.train import RPTConfig
+from rpt_jax.rl.rpt_config import RPTConfig
 from rpt_jax.validate import ConfigError
 
 T = TypeVar("T")

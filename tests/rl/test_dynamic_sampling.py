@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rpt_jax import mesh as mesh_lib
 from rpt_jax.rl import dynamic_sampling as ds
+from rpt_jax.rl.rpt_config import RPTConfig
 from rpt_jax.rl.update import RolloutBatch
 
 G = 2
@@ -135,7 +136,7 @@ def test_trainer_assembles_with_choose_and_gather(monkeypatch):
                       lambda *a, **k: calls.append("choose") or real_choose(*a, **k))
   trainer = train.RPTTrainer.__new__(train.RPTTrainer)  # Only what assemble reads.
   trainer.G = G
-  trainer.config = train.RPTConfig(steps=1, batch_contexts=2, dynamic_sampling_from_step=0)
+  trainer.config = RPTConfig(steps=1, batch_contexts=2, dynamic_sampling_from_step=0)
   trainer.mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, fsdp=2, tensor=1),
                                     devices=jax.devices()[:2])
   trainer.batch_sharding = NamedSharding(trainer.mesh, PartitionSpec(("data", "fsdp")))

@@ -1,3 +1,4 @@
+# Over ~400 lines: save, damage-only fallback and preemption share one Orbax manager.
 """Checkpoints of a training run: one Orbax `CheckpointManager` under `<workdir>/checkpoints`.
 
 A step directory holds three items:

@@ -1,3 +1,4 @@
+# Over ~400 lines: both backends keep one byte-span contract, tested as one.
 """Tokenizers: one interface over SentencePiece `.model` files and HF `tokenizer.json` files.
 
 This module owns text <-> ids, the exact UTF-8 byte span of every token, the special and stop ids,

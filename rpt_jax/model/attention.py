@@ -1,3 +1,4 @@
+# Over ~400 lines: every implementation shares one Mask; the kernels live in attention_kernels.py.
 """Attention by name: softmax(q k^T / sqrt(Dh)) v for grouped-query heads, one function per way.
 
 `attend(q, k, v, mask, implementation)` with `implementation` (the run config's

@@ -1,3 +1,4 @@
+# Over ~400 lines: chunked vocab-parallel log-probs and the loss are one numeric contract.
 """Per-token log-probs/entropies without [B, T, V] logits, and the clipped GRPO policy loss.
 
 This module owns the numerics of the train step's objective:

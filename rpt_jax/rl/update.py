@@ -1,3 +1,4 @@
+# Over ~400 lines: the step's numerics and its batch checks/shardings change together.
 """The jitted, sharded RPT parameter update: rollouts in, one optimiser step out.
 
 Owns `RolloutBatch`, `completion_logprobs` (per-token log-probs

@@ -47,7 +47,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -330,6 +330,10 @@ class Checkpointer:
         storage error, a train state of another structure): nothing older is tried, since that
         would silently rewind the run. Also when every step is damaged.
     """
+    return self._restore_newest(lambda step: self.restore(step, abstract_train_state))
+
+  def _restore_newest(self, read: Callable[[int], Any]) -> Any:
+    """`read(step)` of the newest step that is not provably damaged (see `restore_latest`)."""
     self._manager.wait_until_finished()
     self._manager.reload()  # Pick up steps written or removed by an earlier run.
     steps = sorted(self._manager.all_steps(), reverse=True)
@@ -338,7 +342,7 @@ class Checkpointer:
     skipped = []
     for step in steps:
       try:
-        result, error = self.restore(step, abstract_train_state), None
+        result, error = read(step), None
       except Exception as e:  # pylint: disable=broad-except  # Orbax/tensorstore raise many types.
         result, error = None, e
       damage = self.damage(step, error) if error is not None else None
@@ -388,21 +392,23 @@ class Checkpointer:
 
   def restore_params(self, abstract_params: PyTree, step: int | None = None
                      ) -> tuple[int, PyTree] | None:
-    """Only the parameters of a train-state checkpoint (`step`, default the newest), onto the
-    shardings in `abstract_params` (the `params` field of the saved state); None if there is no
-    checkpoint. The optimiser state is never read: evaluation and export need the weights alone.
+    """(step, params): only the parameters of the newest train-state checkpoint that is not
+    provably damaged (the same rule as `restore_latest`), or of `step`, onto the shardings in
+    `abstract_params` (the `params` field of the saved state); None if there is no checkpoint.
+    The optimiser state is never read: evaluation and export need the weights alone.
     """
-    self._manager.wait_until_finished()
-    self._manager.reload()
-    step = self._manager.latest_step() if step is None else step
-    if step is None:
-      return None
     item = {"params": abstract_keys_to_data(abstract_params)}
-    path = self.directory / str(step) / TRAIN_STATE_ITEM
-    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
-    return step, data_to_keys(restored["params"], abstract_params)
+
+    def read(step: int) -> tuple[int, PyTree]:
+      path = self.directory / str(step) / TRAIN_STATE_ITEM
+      restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))
+      return step, data_to_keys(restored["params"], abstract_params)
+
+    if step is not None:
+      return read(step)
+    return self._restore_newest(read)
 
   # -- preemption --------------------------------------------------------------------------------
 

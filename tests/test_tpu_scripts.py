@@ -438,13 +438,14 @@ def test_run_reports_a_job_that_dies_at_once(env, tmp_path):
 
 # A job that is preempted twice (rpt_jax's exit code 75), then finishes.
 PREEMPTED_JOB_PYTHON = r'''#!{python}
-import os, sys
+import os, sys, time
 from pathlib import Path
 runs = Path(os.environ['HOME'], 'runs.txt')
 n = len(runs.read_text().splitlines()) if runs.exists() else 0
 with runs.open('a') as f:
   f.write(' '.join(sys.argv[1:]) + '\n')
 print('run', n, flush=True)
+time.sleep(0.5)  # alive past the start check (RPT_START_GRACE=0), however loaded the machine
 sys.exit(75 if n < 2 else 0)
 '''
 

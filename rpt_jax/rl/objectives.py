@@ -85,7 +85,15 @@ def register_objective(name: str, objective: Objective) -> Objective:
 
 
 def get_objective(name: str) -> Objective:
-  """The objective `name`; ValueError naming rl.reward and the registered names otherwise."""
+  """The objective `name`; ValueError naming rl.reward and the registered names otherwise.
+
+  A reward registered in `rpt_jax.rl.reward` alone (one that scores response text on the host)
+  is an objective too, with no settings: registering it is all it takes to train with it.
+  """
+  from rpt_jax.rl import reward as reward_lib  # pylint: disable=g-import-not-at-top
+  if name not in OBJECTIVES and name in reward_lib.REWARDS and not (
+      reward_lib.REWARDS[name].needs_first_token_prob):
+    return Objective(PrefixMatchConfig)
   if name not in OBJECTIVES:
     raise ValueError(f"reward={name!r}: unknown reward {name!r}; registered objectives: "
                      f"{sorted(OBJECTIVES)} (add one with "

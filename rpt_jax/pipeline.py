@@ -110,7 +110,9 @@ class Run:
       ckpt.close()
       return None
     writer = MetricsWriter(self.files, mode="pretrain", resume_step=0)
-    metrics = pretrain_lib.pretrain(model, self.tokenizer, self.documents(), config,
+    documents = pretrain_lib.train_documents(self.documents(), self.spec.prepare.eval_fraction,
+                                             self.spec.prepare.seed)
+    metrics = pretrain_lib.pretrain(model, self.tokenizer, documents, config,
                                     mesh=self.mesh, rules=self.rules, progress=self.progress,
                                     log_fn=writer.write)
     writer.close()

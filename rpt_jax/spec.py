@@ -207,7 +207,8 @@ class RunSpec:
     pretrain = None if pt.steps <= 0 else _section("pretrain", lambda: PretrainConfig(
         steps=pt.steps, batch_size=pt.batch_size, seq_len=pt.seq_len,
         learning_rate=pt.learning_rate, warmup_steps=pt.warmup_steps,
-        reasoning_example_fraction=pt.reasoning_example_fraction, thought=pt.thought,
+        reasoning_example_fraction=pt.reasoning_example_fraction,
+        skill_example_fraction=pt.get("skill_example_fraction", 0.0), thought=pt.thought,
         template=d.template, max_context_tokens=pt.max_context_tokens,
         min_context_tokens=pt.min_context_tokens, seed=c.seed, log_every=pt.log_every))
     loss = _section("rl", lambda: LossConfig(

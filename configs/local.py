@@ -46,13 +46,17 @@ def get_config():
   c.data.score_batch_size = 32
   c.data.prompt_buckets = (128, 192)
 
-  c.pretrain.update(steps=200, batch_size=16, seq_len=192, learning_rate=3e-3, warmup_steps=20,
-                    reasoning_example_fraction=0.5, max_context_tokens=48, log_every=20)
+  # Half the rows are the corpus; the rest are worked skill problems (rpt_jax.data.skills) as
+  # chat turns: the policy can reason (and box answers) before RPT, but has never seen the
+  # next-token-reasoning template.
+  c.pretrain.update(steps=600, batch_size=16, seq_len=192, learning_rate=3e-3, warmup_steps=30,
+                    reasoning_example_fraction=0.0, skill_example_fraction=0.5,
+                    max_context_tokens=48, log_every=50)
 
   c.rl.batch_contexts = 16
   c.rl.num_generations = 8
   c.rl.temperature = 0.8
-  c.rl.max_new_tokens = 24
+  c.rl.max_new_tokens = 64  # a 5-digit sum worked digit by digit, then the boxed answer
   c.rl.rollout_micro_batch = 16
   c.rl.train_micro_batch = 8  # contexts per accumulation micro-step (8 is ~2x faster than 16 on CPU)
   c.rl.dynamic_sampling_from_step = 0

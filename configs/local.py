@@ -1,14 +1,15 @@
 """The offline default: the whole RPT pipeline on a laptop CPU in minutes, no network.
 
 Built-in synthetic maths corpus -> SentencePiece trained on it -> a ~1M-parameter Qwen2-style
-policy pretrained briefly (next-token + formatted reasoning examples, so it already answers in
-`</think> \\boxed{}` form) -> positions filtered by that policy's top-16 entropy -> evaluation ->
-RPT (GRPO, G=8) -> evaluation. Run:
+policy pretrained on the training documents plus worked skill problems (rpt_jax.data.skills: sums
+digit by digit with carries, sequence rules, equations, each answered in `</think> \\boxed{}`
+form; never in the next-token-reasoning template) -> positions filtered by that policy's top-16
+entropy -> evaluation -> RPT (GRPO, G=8) -> evaluation. Run:
 
     python -m rpt_jax.main --config=configs/local.py --workdir=/tmp/rpt_local
 
 Differences from the paper's settings (configs/base.py), all for CPU minutes instead of TPU days:
-a tiny model and vocabulary, short contexts (48 tokens) and responses (24 tokens), 16 contexts
+a tiny model and vocabulary, short contexts (48 tokens) and responses (64 tokens), 16 contexts
 per step, a larger learning rate (the paper's 1e-6 moves a 14B model; a 1M model needs more),
 dynamic sampling from step 0 (a small model has many all-wrong groups), fp32 compute.
 """

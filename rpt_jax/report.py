@@ -23,9 +23,16 @@ MODE_LABELS = {"proxy_accuracy": "proxy argmax (data preparation)",
                "mean_thought_length": "thought tokens"}
 
 
+def split_order(report: Mapping[str, Any]) -> list[str]:
+  """The report's splits in Table 1's order: easy, medium, hard, any others, all (a report read
+  back from JSON has its keys sorted)."""
+  rank = {"easy": 0, "medium": 1, "hard": 2, "all": 4}
+  return sorted(report, key=lambda s: rank.get(s, 3))
+
+
 def format_table(report: Mapping[str, Mapping[str, Any]]) -> str:
   """A Table-1-shaped markdown table: rows = modes/metrics, columns = splits (with counts)."""
-  splits = list(report)
+  splits = split_order(report)
   metrics = ["proxy_accuracy", "standard_accuracy", "reasoning_accuracy", "reasoning_mean_reward"]
   extra = [k for k in next(iter(report.values())) if k.startswith("pass@")] + ["format_rate"]
   header = ["mode (accuracy %)"] + [f"{s} (n={report[s]['num_positions']})" for s in splits]
@@ -103,7 +110,7 @@ def summary_table(before: dict, after: dict) -> str:
            "accuracy, before -> after RPT:",
            f"{'split':<7} {'positions':>9} | {'standard (argmax)':>17} | "
            f"{'reasoning (1 sample)':>20} | {'format':>15} | {'thought tokens':>15}"]
-  for split in after:
+  for split in split_order(after):
     b, a = before.get(split, {}), after[split]
     pair = lambda key, w=7: f"{fmt(b.get(key), w)} {fmt(a.get(key), w)}"
     lines.append(f"{split:<7} {a.get('num_positions', 0):>9} | {pair('standard_accuracy', 8)} | "

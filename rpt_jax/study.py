@@ -182,7 +182,7 @@ def study_markdown(study: dict[str, Any], main_filter: str, scaling_png: str,
                    before_after_png: str) -> str:
   """report.md: Table 1 shape, scaling fit + plot, ablation at equal RL compute, breakdown."""
   before, after = study["before"]["report"], study["after"]["report"]
-  splits = [s for s in after if s != "all"] + ["all"]
+  splits = report_lib.split_order(after)
   head = "| | " + " | ".join(f"{s} (n={after[s]['num_positions']})" for s in splits) + " |"
   rule = "|---|" + "---|" * len(splits)
   rows = [("standard next-token prediction (argmax), before RPT", before, "standard_accuracy"),

@@ -40,7 +40,7 @@ def test_study_mode_writes_the_report_on_the_micro_config(tmp_path_factory):
       {"train.steps": steps, "train.checkpoint_every": 2, "study.eval_points": 3,
        "study.filters": ("entropy", "random")})
   workdir = micro_run.prepared_workdir(tmp_path_factory, "study")
-  proc = micro_run.run_main(config, workdir, "--mode=study", timeout=600)
+  proc = micro_run.run_main(config, workdir, "--mode=study", timeout=1800)
   out = os.path.join(workdir, "study")
   with open(os.path.join(out, "study.json")) as f:
     result = json.load(f)
@@ -67,6 +67,6 @@ def test_study_mode_writes_the_report_on_the_micro_config(tmp_path_factory):
   # trains nothing new and writes the same report.
   assert os.path.islink(os.path.join(out, "random", "pretrain"))
   rows = micro_run.train_rows(os.path.join(out, "random"))
-  micro_run.run_main(config, workdir, "--mode=study", timeout=600)
+  micro_run.run_main(config, workdir, "--mode=study", timeout=1800)
   assert micro_run.train_rows(os.path.join(out, "random")) == rows
   assert open(os.path.join(out, "report.md")).read() == text

@@ -70,3 +70,13 @@ def test_study_mode_writes_the_report_on_the_micro_config(tmp_path_factory):
   micro_run.run_main(config, workdir, "--mode=study", timeout=1800)
   assert micro_run.train_rows(os.path.join(out, "random")) == rows
   assert open(os.path.join(out, "report.md")).read() == text
+
+
+def test_a_bad_study_value_is_one_config_error_naming_the_field():
+  from rpt_jax.spec import RunSpec
+  from rpt_jax.validate import ConfigError
+  with pytest.raises(ConfigError, match=r"^study\.eval_points=2 must be >= 3"):
+    RunSpec.from_config(micro_run.micro_config(study__eval_points=2))
+  with pytest.raises(ConfigError, match=r"^study\.filters="):
+    RunSpec.from_config(micro_run.micro_config(study__filters=("entropy", "bogus")))
+  assert RunSpec.from_config(micro_run.micro_config()).study == study.StudyConfig()

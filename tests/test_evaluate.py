@@ -23,6 +23,7 @@ from rpt_jax.data.manifest import MANIFEST, MANIFEST_FORMAT
 from rpt_jax.data.records import PositionRecord
 from rpt_jax.model.config import ModelConfig
 from rpt_jax.model.transformer import Transformer
+from rpt_jax.rl import prompts
 
 OFFSET = 4  # byte b is token b + OFFSET; 0 = pad, 1 = eos
 
@@ -324,11 +325,11 @@ def test_modes_can_run_alone(tiny_model, tokenizer, records_dir):
 def test_prompt_left_truncation_keeps_the_end_of_the_context(tokenizer):
   rec = PositionRecord(0, 9, np.asarray(tokenizer.encode("abcdefghi"), np.int32), b"j",
                        np.asarray([1], np.int32), 0.0, False, 0, "eval")
-  ids, truncated = ev._prompt_ids(rec, tokenizer, "v0_short", 194 + 3)
+  ids, truncated = prompts.fitted_prompt_ids(rec.context_ids, tokenizer, "v0_short", 194 + 3)
   assert truncated and len(ids) == 197 and tokenizer.decode(ids).endswith(
       "### Context\nghi<assistant><think>\n")
-  with pytest.raises(ValueError, match="raise prompt_buckets"):
-    ev._prompt_ids(rec, tokenizer, "v0_short", 100)
+  with pytest.raises(ValueError, match="raise data.prompt_buckets"):
+    prompts.fitted_prompt_ids(rec.context_ids, tokenizer, "v0_short", 100)
 
 
 def test_pass_at_k_equals_brute_force_enumeration():

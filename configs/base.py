@@ -110,11 +110,17 @@ def get_config() -> ml_collections.ConfigDict:
   # Plain next-token pretraining (used by the offline default to start from a non-random policy).
   c.pretrain = ml_collections.ConfigDict(dict(
       steps=0, batch_size=32, seq_len=256, learning_rate=1e-3, warmup_steps=50,
-      reasoning_example_fraction=0.5, thought="Let me work out the next token.",
+      reasoning_example_fraction=0.5, skill_example_fraction=0.0,
+      thought="Let me work out the next token.",
       max_context_tokens=64, min_context_tokens=8, log_every=10))
 
   c.eval = ml_collections.ConfigDict(dict(
       max_positions=200, num_samples=1, pass_k=(1,), temperature=0.8, batch_contexts=32))
+
+  # --mode=study (rpt_jax.study): evaluations along RPT for the scaling fit, and the filters the
+  # ablation trains with the same RL budget.
+  c.study = ml_collections.ConfigDict(dict(
+      eval_points=6, filters=("entropy", "proxy_miss", "random", "all")))
 
   # Multi-host start-up (TPU discovers these itself; set them for multi-process CPU/GPU).
   c.distributed = ml_collections.ConfigDict(dict(

@@ -1,14 +1,15 @@
 """The offline default: the whole RPT pipeline on a laptop CPU in minutes, no network.
 
 Built-in synthetic maths corpus -> SentencePiece trained on it -> a ~1M-parameter Qwen2-style
-policy pretrained briefly (next-token + formatted reasoning examples, so it already answers in
-`</think> \\boxed{}` form) -> positions filtered by that policy's top-16 entropy -> evaluation ->
-RPT (GRPO, G=8) -> evaluation. Run:
+policy pretrained on the training documents plus worked skill problems (rpt_jax.data.skills: sums
+digit by digit with carries, sequence rules, equations, each answered in `</think> \\boxed{}`
+form; never in the next-token-reasoning template) -> positions filtered by that policy's top-16
+entropy -> evaluation -> RPT (GRPO, G=8) -> evaluation. Run:
 
     python -m rpt_jax.main --config=configs/local.py --workdir=/tmp/rpt_local
 
 Differences from the paper's settings (configs/base.py), all for CPU minutes instead of TPU days:
-a tiny model and vocabulary, short contexts (48 tokens) and responses (24 tokens), 16 contexts
+a tiny model and vocabulary, short contexts (48 tokens) and responses (64 tokens), 16 contexts
 per step, a larger learning rate (the paper's 1e-6 moves a 14B model; a 1M model needs more),
 dynamic sampling from step 0 (a small model has many all-wrong groups), fp32 compute.
 """
@@ -46,13 +47,17 @@ def get_config():
   c.data.score_batch_size = 32
   c.data.prompt_buckets = (128, 192)
 
-  c.pretrain.update(steps=200, batch_size=16, seq_len=192, learning_rate=3e-3, warmup_steps=20,
-                    reasoning_example_fraction=0.5, max_context_tokens=48, log_every=20)
+  # Half the rows are the corpus; the rest are worked skill problems (rpt_jax.data.skills) as
+  # chat turns: the policy can reason (and box answers) before RPT, but has never seen the
+  # next-token-reasoning template.
+  c.pretrain.update(steps=600, batch_size=16, seq_len=192, learning_rate=3e-3, warmup_steps=30,
+                    reasoning_example_fraction=0.0, skill_example_fraction=0.5,
+                    max_context_tokens=48, log_every=50)
 
   c.rl.batch_contexts = 16
   c.rl.num_generations = 8
   c.rl.temperature = 0.8
-  c.rl.max_new_tokens = 24
+  c.rl.max_new_tokens = 64  # a 5-digit sum worked digit by digit, then the boxed answer
   c.rl.rollout_micro_batch = 16
   c.rl.train_micro_batch = 8  # contexts per accumulation micro-step (8 is ~2x faster than 16 on CPU)
   c.rl.dynamic_sampling_from_step = 0

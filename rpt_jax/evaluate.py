@@ -12,8 +12,13 @@ This module owns the held-out evaluation of a policy on prepared position record
   `num_samples` answers, and each is scored with `rpt_jax.rl.reward.score_rollouts`; the paper's
   metric is the reward of ONE sampled answer (the first sample), reported with the mean over
   samples, pass@k (unbiased estimator), the format rate and the mean response length.
-- `evaluate` -> a JSON-able report {split: {metric: value}} in percent; `rpt_jax.report` writes,
-  tabulates and plots it, `rpt_jax.scaling` fits its curve across checkpoints.
+- `measure` -> per-position results (`Measured`); `summarize` -> a JSON-able report
+  {split: {metric: value}} in percent (`evaluate` = both); `breakdown` -> the same metrics per
+  kind of position (e.g. the synthetic corpus's line kinds: where reasoning wins);
+  `rpt_jax.report` writes, tabulates and plots them, `rpt_jax.scaling` fits the curve across
+  checkpoints.
+- Thought length: the generated tokens before `</think>` (the whole response when it never
+  closes its thought), a measure of how much work a response does.
 
 Metrics of a split with no position are None (JSON null), never NaN.
 """
@@ -23,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -232,6 +237,12 @@ def _host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def thought_length(tokenizer, response: str, response_tokens: int) -> int:
+  """Tokens of `response` before its first `</think>`; all `response_tokens` if it has none."""
+  at = response.find(prompts.THINK_END)
+  return response_tokens if at < 0 else len(tokenizer.encode(response[:at]))
+
+
 def reasoning_accuracy(sampler, tokenizer, positions: Sequence[PositionRecord], *,
                        num_samples: int = 1, temperature: float, max_new_tokens: int,
                        template: str = "v0", reward: str = "prefix_match", rng: jax.Array,
@@ -248,7 +259,8 @@ def reasoning_accuracy(sampler, tokenizer, positions: Sequence[PositionRecord], 
     {'accuracy': float [P] (correct of the first sample: the paper's metric),
      'mean_reward': float [P], 'pass@k': float [P] per k, 'format_rate': float [P] (fraction
      of samples with a non-empty answer), 'response_length': float [P] (mean generated tokens,
-     incl. the stop token), 'num_correct': int [P], 'truncated': bool [P],
+     incl. the stop token), 'thought_length': float [P] (mean tokens before `</think>`),
+     'num_correct': int [P], 'truncated': bool [P],
      'first_response': list[str] (the first sample's text, for inspection)}
   """
   n, buckets = len(positions), tuple(int(b) for b in prompt_buckets)
@@ -259,6 +271,7 @@ def reasoning_accuracy(sampler, tokenizer, positions: Sequence[PositionRecord], 
   correct = np.zeros((n, num_samples), bool)
   formatted = np.zeros((n, num_samples), bool)
   lengths = np.zeros((n, num_samples), np.float64)
+  thoughts = np.zeros((n, num_samples), np.float64)
   first_response = [""] * n
   order = np.argsort([len(ids) for ids, _ in built], kind="stable")  # similar lengths together
   for b, rows in enumerate(_batches(order, batch_size)):
@@ -289,11 +302,14 @@ def reasoning_accuracy(sampler, tokenizer, positions: Sequence[PositionRecord], 
     correct[rows] = scored.correct.reshape(shape)
     formatted[rows] = scored.has_prediction.reshape(shape)
     lengths[rows] = np.asarray(lens, np.float64).reshape(shape)
+    thoughts[rows] = np.asarray([thought_length(tokenizer, t, n) for t, n in zip(texts, lens)],
+                                np.float64).reshape(shape)
     for j, i in enumerate(rows):
       first_response[i] = texts[j * num_samples]
   num_correct = correct.sum(axis=1)
   result = {"accuracy": correct[:, 0].astype(np.float64), "mean_reward": rewards.mean(axis=1),
             "format_rate": formatted.mean(axis=1), "response_length": lengths.mean(axis=1),
+            "thought_length": thoughts.mean(axis=1),
             "num_correct": num_correct, "truncated": np.array([t for _, t in built], bool),
             "first_response": first_response}
   for k in pass_k:
@@ -310,23 +326,22 @@ def _mean(values: np.ndarray | None, mask: np.ndarray, scale: float = 100.0) -> 
   return float(scale * np.mean(values[mask], dtype=np.float64))
 
 
-def evaluate(model: nnx.Module | None, tokenizer, sampler, records_dir: str, *,
-             config: EvalConfig, rng: jax.Array, mesh: jax.sharding.Mesh | None = None,
-             params: Any = None, split: str = "eval") -> dict[str, dict[str, Any]]:
-  """Runs `config.modes` on the held-out records; returns {split_name: metrics}.
+@dataclasses.dataclass
+class Measured:
+  """Per-position results of one evaluation: `positions` [P], `standard` bool [P] (None: not
+  run), `reasoning` (`reasoning_accuracy`'s dict; None: not run)."""
 
-  Each split entry: num_positions, entropy_above (None for `all`), and in percent (None when the
-  mode did not run or the split is empty): proxy_accuracy (the data-preparation proxy's argmax
-  was right: the share a model gets without reasoning), standard_accuracy, reasoning_accuracy,
-  reasoning_mean_reward, pass@k for each k, format_rate; plus mean_response_length (tokens) and
-  truncated_prompts (count). `model` is needed for 'standard', `sampler` for 'reasoning'.
-  Multi-process: every process evaluates the same positions with the same inputs and gets the
-  same report; write it from process 0 only. Passing the same `rng` at every checkpoint gives
-  common random numbers across checkpoints (less noise in their differences).
-  """
+  positions: list[PositionRecord]
+  standard: np.ndarray | None
+  reasoning: dict[str, Any] | None
+
+
+def measure(model: nnx.Module | None, tokenizer, sampler, records_dir: str, *,
+            config: EvalConfig, rng: jax.Array, mesh: jax.sharding.Mesh | None = None,
+            params: Any = None, split: str = "eval") -> Measured:
+  """Runs `config.modes` on the held-out records of `records_dir` (see `evaluate`)."""
   positions = load_eval_positions(records_dir, split=split, max_positions=config.max_positions,
                                   seed=config.seed)
-  buckets = np.array([p.bucket for p in positions])
   standard = reasoning = None
   if "standard" in config.modes:
     standard = standard_accuracy(model, tokenizer, positions, batch_size=config.batch_size,
@@ -338,18 +353,68 @@ def evaluate(model: nnx.Module | None, tokenizer, sampler, records_dir: str, *,
         template=config.template, reward=config.reward, rng=rng, batch_size=config.batch_size,
         params=params, prompt_buckets=config.prompt_buckets, pass_k=config.pass_k,
         micro_batch=config.micro_batch)
-  r = reasoning or {}
-  proxy = np.array([p.proxy_correct for p in positions])
+  return Measured(positions, standard, reasoning)
+
+
+def _metrics(m: Measured, mask: np.ndarray, pass_k: Sequence[int]) -> dict[str, Any]:
+  """The report's metrics over the positions in `mask` (bool [P])."""
+  r = m.reasoning or {}
+  proxy = np.array([p.proxy_correct for p in m.positions])
+  return {
+      "num_positions": int(mask.sum()),
+      "proxy_accuracy": _mean(proxy, mask), "standard_accuracy": _mean(m.standard, mask),
+      "reasoning_accuracy": _mean(r.get("accuracy"), mask),
+      "reasoning_mean_reward": _mean(r.get("mean_reward"), mask),
+      **{f"pass@{k}": _mean(r.get(f"pass@{k}"), mask) for k in pass_k},
+      "format_rate": _mean(r.get("format_rate"), mask),
+      "mean_response_length": _mean(r.get("response_length"), mask, scale=1.0),
+      "mean_thought_length": _mean(r.get("thought_length"), mask, scale=1.0),
+      "truncated_prompts": int(r["truncated"][mask].sum()) if r else None}
+
+
+def summarize(m: Measured, thresholds: Sequence[float],
+              pass_k: Sequence[int] = (1,)) -> dict[str, dict[str, Any]]:
+  """{split name: metrics} for the difficulty splits of `thresholds` (see `evaluate`)."""
+  buckets = np.array([p.bucket for p in m.positions])
   report = {}
-  for name, (min_bucket, threshold) in difficulty_splits(bucket_thresholds(records_dir)).items():
-    mask = buckets >= min_bucket
-    report[name] = {
-        "num_positions": int(mask.sum()), "entropy_above": threshold,
-        "proxy_accuracy": _mean(proxy, mask), "standard_accuracy": _mean(standard, mask),
-        "reasoning_accuracy": _mean(r.get("accuracy"), mask),
-        "reasoning_mean_reward": _mean(r.get("mean_reward"), mask),
-        **{f"pass@{k}": _mean(r.get(f"pass@{k}"), mask) for k in config.pass_k},
-        "format_rate": _mean(r.get("format_rate"), mask),
-        "mean_response_length": _mean(r.get("response_length"), mask, scale=1.0),
-        "truncated_prompts": int(r["truncated"][mask].sum()) if r else None}
+  for name, (min_bucket, threshold) in difficulty_splits(thresholds).items():
+    metrics = _metrics(m, buckets >= min_bucket, pass_k)
+    report[name] = {"num_positions": metrics.pop("num_positions"), "entropy_above": threshold,
+                    **metrics}
   return report
+
+
+def breakdown(m: Measured, kind_of: Callable[[PositionRecord], str], thresholds: Sequence[float],
+              splits: Sequence[str] = ("hard", "all")) -> dict[str, dict[str, dict[str, Any]]]:
+  """{split: {kind: metrics}}: the report's metrics per kind of position (`kind_of(record)`),
+  kinds in order of first appearance, for the named difficulty splits."""
+  kinds = np.array([kind_of(p) for p in m.positions], dtype=object)
+  buckets = np.array([p.bucket for p in m.positions])
+  out = {}
+  for name, (min_bucket, _) in difficulty_splits(thresholds).items():
+    if name not in splits:
+      continue
+    in_split = buckets >= min_bucket
+    out[name] = {kind: _metrics(m, in_split & (kinds == kind), ())
+                 for kind in dict.fromkeys(kinds[in_split].tolist())}
+  return out
+
+
+def evaluate(model: nnx.Module | None, tokenizer, sampler, records_dir: str, *,
+             config: EvalConfig, rng: jax.Array, mesh: jax.sharding.Mesh | None = None,
+             params: Any = None, split: str = "eval") -> dict[str, dict[str, Any]]:
+  """Runs `config.modes` on the held-out records; returns {split_name: metrics}.
+
+  Each split entry: num_positions, entropy_above (None for `all`), and in percent (None when the
+  mode did not run or the split is empty): proxy_accuracy (the data-preparation proxy's argmax
+  was right: the share a model gets without reasoning), standard_accuracy, reasoning_accuracy,
+  reasoning_mean_reward, pass@k for each k, format_rate; plus mean_response_length and
+  mean_thought_length (tokens) and truncated_prompts (count). `model` is needed for 'standard',
+  `sampler` for 'reasoning'.
+  Multi-process: every process evaluates the same positions with the same inputs and gets the
+  same report; write it from process 0 only. Passing the same `rng` at every checkpoint gives
+  common random numbers across checkpoints (less noise in their differences).
+  """
+  return summarize(measure(model, tokenizer, sampler, records_dir, config=config, rng=rng,
+                           mesh=mesh, params=params, split=split),
+                   bucket_thresholds(records_dir), config.pass_k)

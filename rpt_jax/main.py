@@ -11,6 +11,8 @@ Modes (`--mode`):
   export         the latest policy as HF safetensors -> <workdir>/export (or --export_dir).
   compile_check  lower and compile the sampler and train step for the config's mesh and read
                  per-device memory (no training).
+  study          `all`, with evaluations along RPT and the scaling-law fit, then the same RL
+                 budget with each position filter -> <workdir>/study/report.md (rpt_jax.study).
 
 Config values are overridden on the command line: `--config.rl.num_generations=4`.
 
@@ -189,6 +191,7 @@ def _run(spec: spec_lib.RunSpec, workdir: str, mode: str) -> None:
       "pretrain": run.pretrain,
       "train": run.train,
       "eval": run.evaluate,
+      "study": run.study,
       "export": lambda: run.export(_EXPORT_DIR.value),
   }[mode]()
   if result is not None and jax.process_index() == 0:

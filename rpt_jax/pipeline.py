@@ -7,6 +7,7 @@ layout): a finished stage is skipped, a stopped one continues.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -23,7 +24,7 @@ from rpt_jax import checkpoint as checkpoint_lib
 from rpt_jax import pretrain as pretrain_lib
 from rpt_jax import train as train_lib
 from rpt_jax import validate
-from rpt_jax.data import fingerprints
+from rpt_jax.data import fingerprints, synthetic
 from rpt_jax.data import prepare as prepare_lib
 from rpt_jax.data.pipeline import PromptLoader, read_manifest
 from rpt_jax.data import sources
@@ -80,6 +81,13 @@ class Run:
     ckpt.close()
     return model
 
+  @functools.cached_property
+  def sampler(self):
+    """The evaluation sampler (compiled once per run; takes the weights at each call): the
+    rollout engine, as the RPT loop generates."""
+    return train_lib.make_rollout_sampler(self.model, self.spec.rpt.slots, mesh=self.mesh,
+                                          rules=self.rules, pad_id=self.tokenizer.pad_id)
+
   def _pretrain_checkpointer(self) -> checkpoint_lib.Checkpointer:
     return checkpoint_lib.Checkpointer(assemble.workdir_path(self.workdir, "pretrain"),
                                        max_to_keep=1, async_save=False)
@@ -110,7 +118,9 @@ class Run:
       ckpt.close()
       return None
     writer = MetricsWriter(self.files, mode="pretrain", resume_step=0)
-    metrics = pretrain_lib.pretrain(model, self.tokenizer, self.documents(), config,
+    documents = pretrain_lib.train_documents(self.documents(), self.spec.prepare.eval_fraction,
+                                             self.spec.prepare.seed)
+    metrics = pretrain_lib.pretrain(model, self.tokenizer, documents, config,
                                     mesh=self.mesh, rules=self.rules, progress=self.progress,
                                     log_fn=writer.write)
     writer.close()
@@ -158,13 +168,14 @@ class Run:
                         seed=loader.seed, shuffle=True, num_epochs=None,
                         worker_count=loader.worker_count)
 
-  def train(self) -> dict:
+  def train(self, on_step=None) -> dict:
+    """The RPT loop (resumed); `on_step(step, metrics)` is called after each new step."""
     if not os.path.exists(os.path.join(self.records_dir, prepare_lib.MANIFEST)):
       self.prepare()
     iterator = iter(self.train_loader())
     trainer = self.trainer
     trainer.restore(iterator)
-    metrics = trainer.run(iterator)
+    metrics = trainer.run(iterator, on_step=on_step)
     nnx.update(self.model, trainer.params())
     if checkpoint_lib.stopped_at() is not None:  # SIGTERM: saved; no later stage runs.
       raise errors.Preempted(checkpoint_lib.stopped_at())
@@ -188,21 +199,37 @@ class Run:
     return int(step)
 
   def evaluate(self, label: str | None = None) -> dict:
+    """The `eval` stage: the report of `evaluate_full`."""
+    return self.evaluate_full(label)["report"]
+
+  def evaluate_full(self, label: str | None = None, records_dir: str | None = None) -> dict:
+    """Evaluates the latest policy on the held-out records (this run's, or `records_dir`'s) and
+    writes eval/<label>.json: {step, label, report} and, on the synthetic corpus, the breakdown
+    by line kind; returns that dict."""
     step = self._load_rpt_params()
     label = label or f"step_{step}"
-    sampler = train_lib.make_rollout_sampler(self.model, self.spec.rpt.slots, mesh=self.mesh,
-                                             rules=self.rules, pad_id=self.tokenizer.pad_id)
-    report = evaluate_lib.evaluate(self.model, self.tokenizer, sampler, self.records_dir,
-                                   config=self.spec.eval, rng=jax.random.key(self.spec.seed + 1),
-                                   mesh=self.mesh)
+    records_dir = records_dir or self.records_dir
+    measured = evaluate_lib.measure(self.model, self.tokenizer, self.sampler, records_dir,
+                                    config=self.spec.eval, rng=jax.random.key(self.spec.seed + 1),
+                                    mesh=self.mesh, params=nnx.state(self.model))
+    thresholds = evaluate_lib.bucket_thresholds(records_dir)
+    report = evaluate_lib.summarize(measured, thresholds, self.spec.eval.pass_k)
+    result = {"step": step, "label": label, "report": report}
+    if self.spec.source.kind == "synthetic":
+      result["breakdown"] = evaluate_lib.breakdown(measured, self._line_kind, thresholds)
     if jax.process_index() == 0:
       out_dir = assemble.workdir_path(self.files, "eval")
-      report_lib.write_report({"step": step, "label": label, "report": report}, out_dir,
-                                label)
+      report_lib.write_report(result, out_dir, label)
       MetricsWriter(self.files, mode="eval", tensorboard=False).write(
           step, {f"{split}/{k}": v for split, r in report.items() for k, v in r.items()
                  if isinstance(v, (int, float))})
-    return report
+    return result
+
+  def _line_kind(self, record) -> str:
+    """'<line kind>: computed' or '<line kind>: other' (`synthetic.position_kind`)."""
+    line = self.tokenizer.decode(record.context_ids.tolist()).rsplit("\n", 1)[-1]
+    kind, computable = synthetic.position_kind(line)
+    return f"{kind}: {'computed' if computable else 'other'}"
 
   def export(self, export_dir: str | None = None) -> dict:
     """The policy as an HF checkpoint: weights, every tokenizer file, generation_config.json."""
@@ -211,8 +238,27 @@ class Run:
     export_lib.export_hf(self.model, self.model_config, self.tokenizer, path)
     return {"exported_step": step, "path": path}
 
+  def study(self) -> str:
+    """The study mode (rpt_jax.study): scaling curve and filter ablation; returns report.md."""
+    from rpt_jax import study  # pylint: disable=g-import-not-at-top
+    return study.run_study(self, self.spec.study)
+
+  def filter_run(self, filter_name: str, workdir: str, records_dir: str | None = None) -> "Run":
+    """This run's policy and budget with position filter `filter_name`, in `workdir`: its
+    tokenizer and pretrained policy are this run's (linked), its records `records_dir` or its
+    own, its RL checkpoints, metrics and evaluations its own."""
+    os.makedirs(workdir, exist_ok=True)
+    for name in ("tokenizer", "pretrain"):
+      link = os.path.join(workdir, name)
+      if not os.path.lexists(link):
+        os.symlink(os.path.abspath(os.path.join(self.files, name)), link)
+    spec = dataclasses.replace(
+        self.spec, prepare=dataclasses.replace(self.spec.prepare, filter=filter_name),
+        records_dir=records_dir or "")
+    return Run(spec, workdir, progress=self.progress)
+
   def run_all(self) -> str:
-    """The offline default end to end; returns the before/after report table."""
+    """The offline default end to end; returns the before/after tables."""
     console.stage("tokenizer")
     _ = self.tokenizer
     if self.spec.pretrain is not None:
@@ -223,21 +269,31 @@ class Run:
       sources.check_heldout(self.spec.source, self.spec.prepare.eval_fraction, self.spec.seed)
     console.stage("prepare: score and filter positions")
     self.prepare()
-    before_path = os.path.join(self.files, "eval", "before_rpt.json")
-    if os.path.exists(before_path):  # A resumed run keeps its first "before" measurement.
-      with open(before_path) as f:
-        before = json.load(f)["report"]
-    else:
+    # A resumed run keeps its first "before" measurement.
+    before = self._read_eval("before_rpt")
+    if before is None:
       console.stage("evaluate before RPT")
-      before = self.evaluate("before_rpt")
+      before = self.evaluate_full("before_rpt")
     console.stage(f"RPT ({self.spec.rpt.steps} steps)")
     self.train()
     console.stage("evaluate after RPT")
-    after = self.evaluate("after_rpt")
-    reports = {"before RPT": before, "after RPT": after}
+    after = self.evaluate_full("after_rpt")
     if jax.process_index() == 0:
-      report_lib.plot_report(reports, os.path.join(self.files, "eval", "before_after.png"))
-    return report_lib.summary_table(before, after)
+      report_lib.plot_report({"before RPT": before["report"], "after RPT": after["report"]},
+                             os.path.join(self.files, "eval", "before_after.png"))
+    table = report_lib.summary_table(before["report"], after["report"])
+    if "breakdown" in after:
+      table += "\n\n" + report_lib.breakdown_table(before.get("breakdown", {}),
+                                                    after["breakdown"])
+    return table
+
+  def _read_eval(self, label: str) -> dict | None:
+    """eval/<label>.json as written by `evaluate_full`, None if not written yet."""
+    path = os.path.join(self.files, "eval", f"{label}.json")
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
 
 
 def _sync(name: str) -> None:

@@ -14,11 +14,19 @@ boxes answers; a tiny offline model has to be taught that). Rows of a batch, one
              Skipped (counted in `PretrainBatches.skipped`): answers that do not round-trip
              through `extract_prediction` (unbalanced braces, `</think>`), empty or newline-only
              answers, answers splitting a UTF-8 character, examples longer than seq_len.
+  skill      a worked problem (`rpt_jax.data.skills`): the chat template around the problem as
+             the user turn (NOT the next-token-reasoning template), then
+             `format_response(work, result)` + EOS; loss ONLY on the response. This is the
+             reasoning the policy can do before RPT; RPT has to learn to use it on documents.
+
+The documents are the TRAINING documents only: `train_documents` drops the held-out ones (the
+same seeded split `rpt_jax.data.prepare` uses), so no evaluated text is ever trained on.
 
 Every row starts at position 0, as prompts do at sampling time. Batch s is a pure function of
 (documents, tokenizer, config, s): round((s+1) B f) - round(s B f) reasoning rows (exact long-run
-share f), drawn with a generator seeded by (seed, s); plain chunks in order of per-epoch seeded
-permutations. The train step is one jitted pure function of (params, opt_state, batch), state
+share f; skill rows likewise with their share), drawn with a generator seeded by (seed, s); plain
+chunks in order of per-epoch seeded permutations; skill example i of the stream seeded by `seed`
+for the i-th skill row overall. The train step is one jitted pure function of (params, opt_state, batch), state
 donated; with a mesh, params/moments keep the `state_shardings` layout and the batch is split
 over the 'batch' rule. Loss: masked mean NLL from `token_logprobs_and_entropy` on the final hidden
 states (chunked, vocab-parallel: no [B, L, V] logits). AdamW (decay on matrices only), linear
@@ -42,6 +50,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rpt_jax import mesh as mesh_lib
 from rpt_jax import tokenizer as tokenizer_lib
+from rpt_jax.data import records as records_lib
+from rpt_jax.data import skills as skills_lib
 from rpt_jax.rl import loss as loss_lib
 from rpt_jax.rl import optim
 from rpt_jax.rl import prompts
@@ -64,6 +74,8 @@ class PretrainConfig:
     b1, b2: Adam betas.
     grad_clip_norm: global-norm clip (0: off).
     reasoning_example_fraction: share of rows that are formatted reasoning examples, in [0, 1].
+    skill_example_fraction: share of rows that are worked skill examples; the two shares sum to
+      <= 1 (the rest are plain rows).
     thought: the fixed chain-of-thought text of the examples (must not hold `</think>`).
     template: prompt template name (`rpt_jax.rl.prompts.TEMPLATES`).
     max_context_tokens: most document tokens before the position put in an example's context.
@@ -84,6 +96,7 @@ class PretrainConfig:
   b2: float = 0.95
   grad_clip_norm: float = 1.0
   reasoning_example_fraction: float = 0.5
+  skill_example_fraction: float = 0.0
   thought: str = "Let me work out the next token."
   template: str = "v0"
   max_context_tokens: int = 64
@@ -103,6 +116,9 @@ class PretrainConfig:
         ("b2", 0 <= self.b2 < 1, "in [0, 1)"),
         ("grad_clip_norm", self.grad_clip_norm >= 0, ">= 0 (0 = no clipping)"),
         ("reasoning_example_fraction", 0 <= self.reasoning_example_fraction <= 1, "in [0, 1]"),
+        ("skill_example_fraction", 0 <= self.skill_example_fraction
+         <= 1 - self.reasoning_example_fraction,
+         "in [0, 1 - reasoning_example_fraction]"),
         ("max_context_tokens", self.max_context_tokens >= 1, ">= 1"),
         ("min_context_tokens", self.min_context_tokens >= 1, ">= 1"),
         ("log_every", self.log_every >= 1, ">= 1"), ("chunk_size", self.chunk_size >= 1, ">= 1"))
@@ -126,6 +142,7 @@ class PretrainBatch:
     attention_mask: int32 [B, L], 1 for real tokens.
     positions: int32 [B, L], arange(L) in every row.
     is_reasoning: bool [B], True for reasoning-example rows.
+    is_skill: bool [B], True for skill-example rows.
   """
 
   tokens: np.ndarray
@@ -133,9 +150,22 @@ class PretrainBatch:
   attention_mask: np.ndarray
   positions: np.ndarray
   is_reasoning: np.ndarray
+  is_skill: np.ndarray
 
   def as_dict(self) -> dict[str, np.ndarray]:
     return dataclasses.asdict(self)
+
+
+def train_documents(documents: Sequence[str], eval_fraction: float, seed: int) -> list[str]:
+  """The documents `rpt_jax.data.prepare` puts in its 'train' split (document i is doc_id i):
+  pretraining never sees a held-out document."""
+  return [d for i, d in enumerate(documents)
+          if records_lib.document_split(i, eval_fraction, seed) == "train"]
+
+
+def _cumulative(step: int, per_step: float) -> int:
+  """Rows of one kind in batches 0..step-1: round(step x per_step), exact long-run."""
+  return int(np.floor(step * per_step + 0.5))
 
 
 class PretrainBatches:
@@ -175,7 +205,27 @@ class PretrainBatches:
   def num_reasoning_rows(self, step: int) -> int:
     """Reasoning rows in batch `step`: the cumulative count round(s B f) is exact long-run."""
     per_step = self.config.batch_size * self.config.reasoning_example_fraction
-    return int(np.floor((step + 1) * per_step + 0.5) - np.floor(step * per_step + 0.5))
+    return _cumulative(step + 1, per_step) - _cumulative(step, per_step)
+
+  def num_skill_rows(self, step: int) -> int:
+    """Skill rows in batch `step` (the same rule with `skill_example_fraction`)."""
+    per_step = self.config.batch_size * self.config.skill_example_fraction
+    return _cumulative(step + 1, per_step) - _cumulative(step, per_step)
+
+  def skill_example(self, index: int) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids + EOS) of skill example `index` (the first that fits seq_len
+    from `index` on, in a stream of its own)."""
+    tok = self.tokenizer
+    for k in range(_MAX_DRAWS_PER_EXAMPLE):
+      ex = skills_lib.skill_example(self.config.seed, index * _MAX_DRAWS_PER_EXAMPLE + k)
+      prompt_ids = list(tok.encode(tok.apply_chat_template(ex.problem)))
+      response_ids = list(tok.encode(prompts.format_response(ex.thought, ex.answer)))
+      response_ids.append(tok.eos_id)
+      if len(prompt_ids) + len(response_ids) <= self.config.seq_len:
+        return prompt_ids, response_ids
+      self.skipped["too_long"] += 1
+    raise ValueError(f"no skill example fits pretrain.seq_len={self.config.seq_len} in "
+                     f"{_MAX_DRAWS_PER_EXAMPLE} draws; raise pretrain.seq_len.")
 
   def example(self, doc: int, position: int) -> tuple[list[int], list[int]] | None:
     """(prompt_ids, response_ids) predicting token `position` of document `doc`, or None (and
@@ -217,14 +267,15 @@ class PretrainBatches:
     return int(doc), int(start)
 
   def batch(self, step: int) -> PretrainBatch:
-    """Batch `step` (>= 0): reasoning rows first, then plain rows."""
+    """Batch `step` (>= 0): reasoning rows first, then skill rows, then plain rows."""
     cfg = self.config
     b, l = cfg.batch_size, cfg.seq_len
     tokens = np.full((b, l), self.tokenizer.pad_id, np.int32)
     loss_mask = np.zeros((b, l), np.float32)
     attention_mask = np.zeros((b, l), np.int32)
     is_reasoning = np.zeros((b,), bool)
-    n_reasoning = self.num_reasoning_rows(step)
+    is_skill = np.zeros((b,), bool)
+    n_reasoning, n_skill = self.num_reasoning_rows(step), self.num_skill_rows(step)
     rng = np.random.default_rng([cfg.seed, 1, step])
     for row in range(n_reasoning):
       for _ in range(_MAX_DRAWS_PER_EXAMPLE):
@@ -238,32 +289,44 @@ class PretrainBatches:
             f"{self.skipped}); if 'too_long' dominates, raise pretrain.seq_len={l} or lower "
             f"max_context_tokens={cfg.max_context_tokens} / use a shorter template than "
             f"{cfg.template!r}.")
-      prompt_ids, response_ids = built
-      ids = prompt_ids + response_ids
-      tokens[row, :len(ids)] = ids
-      attention_mask[row, :len(ids)] = 1
-      # Position t predicts token t + 1: from the last prompt token to the token before EOS.
-      loss_mask[row, len(prompt_ids) - 1:len(ids) - 1] = 1.0
+      self._put_example(row, built, tokens, attention_mask, loss_mask)
       is_reasoning[row] = True
-    if n_reasoning < b and not len(self._chunks):
+    skills_before = _cumulative(step, b * cfg.skill_example_fraction)
+    for k, row in enumerate(range(n_reasoning, n_reasoning + n_skill)):
+      self._put_example(row, self.skill_example(skills_before + k), tokens, attention_mask,
+                        loss_mask)
+      is_skill[row] = True
+    first_plain = n_reasoning + n_skill
+    if first_plain < b and not len(self._chunks):
       raise ValueError("no document has 2 or more tokens for plain rows.")
-    plain_before = step * b - int(np.floor(step * b * cfg.reasoning_example_fraction + 0.5))
-    for k, row in enumerate(range(n_reasoning, b)):
+    plain_before = (step * b - _cumulative(step, b * cfg.reasoning_example_fraction)
+                    - skills_before)
+    for k, row in enumerate(range(first_plain, b)):
       doc, start = self._plain_chunk(plain_before + k)
       ids = self._ids[doc][start:start + l]
       tokens[row, :len(ids)] = ids
       attention_mask[row, :len(ids)] = 1
       loss_mask[row, :len(ids) - 1] = 1.0
     positions = np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy()
-    return PretrainBatch(tokens, loss_mask, attention_mask, positions, is_reasoning)
+    return PretrainBatch(tokens, loss_mask, attention_mask, positions, is_reasoning, is_skill)
+
+  @staticmethod
+  def _put_example(row: int, built: tuple[list[int], list[int]], tokens: np.ndarray,
+                   attention_mask: np.ndarray, loss_mask: np.ndarray) -> None:
+    prompt_ids, response_ids = built
+    ids = prompt_ids + response_ids
+    tokens[row, :len(ids)] = ids
+    attention_mask[row, :len(ids)] = 1
+    # Position t predicts token t + 1: from the last prompt token to the token before EOS.
+    loss_mask[row, len(prompt_ids) - 1:len(ids) - 1] = 1.0
 
 
 def batch_loss(model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int = 256,
                mesh: jax.sharding.Mesh | None = None,
                rules: mesh_lib.ShardingRules | None = None) -> tuple[jax.Array, dict]:
   """Masked mean next-token NLL of a batch (a `PretrainBatch.as_dict()` of arrays), and metrics
-  {'loss', 'plain_loss', 'reasoning_loss', 'loss_tokens'} (fp32 scalars; a kind absent from the
-  batch gets loss 0). Pure and jittable; the gradient flows into `model`'s params."""
+  {'loss', 'plain_loss', 'reasoning_loss', 'skill_loss', 'loss_tokens'} (fp32 scalars; a kind
+  absent from the batch gets loss 0). Pure and jittable; the gradient flows into `model`'s params."""
   tokens_BL = batch["tokens"]
   hidden_BLD, _ = model.hidden_states(tokens_BL, batch["positions"], batch["attention_mask"])
   targets_BL = jnp.concatenate([tokens_BL[:, 1:], jnp.zeros_like(tokens_BL[:, :1])], axis=1)
@@ -272,6 +335,7 @@ def batch_loss(model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: in
   mask_BL = batch["loss_mask"].astype(jnp.float32)
   nll_BL = -logp_BL * mask_BL
   reasoning_B = batch["is_reasoning"].astype(jnp.float32)
+  skill_B = batch["is_skill"].astype(jnp.float32)
 
   def mean(weight_B):
     total = (nll_BL * weight_B[:, None]).sum()
@@ -279,8 +343,9 @@ def batch_loss(model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: in
     return total / jnp.maximum(count, 1.0)
 
   loss = nll_BL.sum() / jnp.maximum(mask_BL.sum(), 1.0)
-  return loss, {"loss": loss, "plain_loss": mean(1.0 - reasoning_B),
-                "reasoning_loss": mean(reasoning_B), "loss_tokens": mask_BL.sum()}
+  return loss, {"loss": loss, "plain_loss": mean(1.0 - reasoning_B - skill_B),
+                "reasoning_loss": mean(reasoning_B), "skill_loss": mean(skill_B),
+                "loss_tokens": mask_BL.sum()}
 
 
 def make_optimizer(config: PretrainConfig) -> tuple[optax.GradientTransformation, Callable]:
@@ -340,7 +405,7 @@ def pretrain(model: nnx.Module, tokenizer: tokenizer_lib.Tokenizer, documents: S
     param_shardings = batch_shardings = None
   else:
     param_shardings = mesh_lib.state_shardings(params, mesh, rules)
-    batch_shardings = {k: rules.sharding(mesh, ("batch", "length")[:1 if k == "is_reasoning"
+    batch_shardings = {k: rules.sharding(mesh, ("batch", "length")[:1 if k.startswith("is_")
                                                                   else 2])
                        for k in PretrainBatch.__dataclass_fields__}
   # A fresh copy, so that donating it to the step leaves `model` intact.
@@ -413,7 +478,7 @@ def pretrain(model: nnx.Module, tokenizer: tokenizer_lib.Tokenizer, documents: S
         nnx.update(model, jax.tree.map(jnp.copy, params))  # a copy: the next step donates params
         logged.update(eval_fn(done, model))
         eval_seconds += time.perf_counter() - t_eval
-      bar.set_postfix(loss=f"{logged['loss']:.3f}", reasoning=f"{logged['reasoning_loss']:.3f}")
+      bar.set_postfix(loss=f"{logged['loss']:.3f}", skill=f"{logged['skill_loss']:.3f}")
       if log_fn is not None:
         log_fn(done, dict(logged))
   bar.close()

@@ -2,8 +2,9 @@
 
 A report is `rpt_jax.evaluate.evaluate`'s {split: {metric: value}} (percent; None where not
 measured). `write_report` writes one atomically, `format_table` renders it as markdown,
-`summary_table` puts a before/after pair side by side (what the offline default prints), and
-`plot_report` draws one or several labelled reports as grouped bars.
+`summary_table` puts a before/after pair side by side (what the offline default prints),
+`breakdown_table` does the same per kind of position, and `plot_report` draws one or several
+labelled reports as grouped bars.
 """
 
 from __future__ import annotations
@@ -18,17 +19,25 @@ MODE_LABELS = {"proxy_accuracy": "proxy argmax (data preparation)",
                "standard_accuracy": "standard next-token prediction (argmax)",
                "reasoning_accuracy": "next-token reasoning (1 sample)",
                "reasoning_mean_reward": "next-token reasoning (mean over samples)",
-               "format_rate": "answer format rate", "mean_response_length": "response tokens"}
+               "format_rate": "answer format rate", "mean_response_length": "response tokens",
+               "mean_thought_length": "thought tokens"}
+
+
+def split_order(report: Mapping[str, Any]) -> list[str]:
+  """The report's splits in Table 1's order: easy, medium, hard, any others, all (a report read
+  back from JSON has its keys sorted)."""
+  rank = {"easy": 0, "medium": 1, "hard": 2, "all": 4}
+  return sorted(report, key=lambda s: rank.get(s, 3))
 
 
 def format_table(report: Mapping[str, Mapping[str, Any]]) -> str:
   """A Table-1-shaped markdown table: rows = modes/metrics, columns = splits (with counts)."""
-  splits = list(report)
+  splits = split_order(report)
   metrics = ["proxy_accuracy", "standard_accuracy", "reasoning_accuracy", "reasoning_mean_reward"]
   extra = [k for k in next(iter(report.values())) if k.startswith("pass@")] + ["format_rate"]
   header = ["mode (accuracy %)"] + [f"{s} (n={report[s]['num_positions']})" for s in splits]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for metric in metrics + extra + ["mean_response_length"]:
+  for metric in metrics + extra + ["mean_response_length", "mean_thought_length"]:
     values = [report[s].get(metric) for s in splits]
     if all(v is None for v in values):
       continue
@@ -94,14 +103,34 @@ def write_report(report: Mapping[str, Any], out_dir: str, name: str) -> str:
 
 
 def summary_table(before: dict, after: dict) -> str:
-  """Next-token-reasoning accuracy before/after RPT per difficulty split."""
-  lines = ["", "Next-token reasoning accuracy on held-out positions (%):",
-           f"{'split':<8} {'positions':>9} {'before':>8} {'after':>8} {'format before':>14} "
-           f"{'format after':>13}"]
-  for split in after:
+  """Before/after RPT per difficulty split: standard argmax accuracy beside next-token reasoning
+  accuracy (the paper's Table 1 shape), the answer format rate and the mean thought length."""
+  fmt = lambda v, w=7: f"{'-':>{w}}" if v is None else f"{v:{w}.2f}"
+  lines = ["", "Next-token reasoning accuracy on held-out positions (%) beside standard argmax "
+           "accuracy, before -> after RPT:",
+           f"{'split':<7} {'positions':>9} | {'standard (argmax)':>17} | "
+           f"{'reasoning (1 sample)':>20} | {'format':>15} | {'thought tokens':>15}"]
+  for split in split_order(after):
     b, a = before.get(split, {}), after[split]
-    fmt = lambda v: "   -" if v is None else f"{v:8.2f}"
-    lines.append(f"{split:<8} {a.get('num_positions', 0):>9} {fmt(b.get('reasoning_accuracy'))}"
-                 f" {fmt(a.get('reasoning_accuracy'))} {fmt(b.get('format_rate')):>14}"
-                 f" {fmt(a.get('format_rate')):>13}")
+    pair = lambda key, w=7: f"{fmt(b.get(key), w)} {fmt(a.get(key), w)}"
+    lines.append(f"{split:<7} {a.get('num_positions', 0):>9} | {pair('standard_accuracy', 8)} | "
+                 f"{pair('reasoning_accuracy', 10)} | {pair('format_rate')} | "
+                 f"{pair('mean_thought_length')}")
+  return "\n".join(lines)
+
+
+def breakdown_table(before: Mapping[str, Mapping[str, Any]],
+                    after: Mapping[str, Mapping[str, Any]], split: str = "hard") -> str:
+  """Markdown: one row per kind of position (`rpt_jax.evaluate.breakdown` of `split`), standard
+  and reasoning accuracy before/after RPT and the mean thought length after."""
+  rows = after.get(split, {})
+  lines = [f"| {split} positions by line kind | n | standard before | standard after | "
+           "reasoning before | reasoning after | thought tokens after |",
+           "|---|---|---|---|---|---|---|"]
+  cell = lambda v: "-" if v is None else f"{v:.1f}"
+  for kind, a in sorted(rows.items(), key=lambda kv: -kv[1]["num_positions"]):
+    b = before.get(split, {}).get(kind, {})
+    lines.append(f"| {kind} | {a['num_positions']} | {cell(b.get('standard_accuracy'))} | "
+                 f"{cell(a.get('standard_accuracy'))} | {cell(b.get('reasoning_accuracy'))} | "
+                 f"{cell(a.get('reasoning_accuracy'))} | {cell(a.get('mean_thought_length'))} |")
   return "\n".join(lines)

@@ -29,13 +29,14 @@ from rpt_jax.rl import optim, prompts
 from rpt_jax.rl import objectives
 from rpt_jax.rl.loss import LossConfig
 from rpt_jax.rl.rpt_config import RPTConfig
+from rpt_jax.study import StudyConfig
 from rpt_jax.validate import ConfigError
 
 T = TypeVar("T")
 
 
 _SECTIONS = ("mesh", "sharding_rules", "model", "tokenizer", "data", "rl", "optim", "train",
-             "pretrain", "eval", "compile_check")
+             "pretrain", "eval", "compile_check", "study")
 # How the dataclasses name themselves in their messages, dropped before the config field is put.
 _OWN_NAMES = ("optimizer ", "LossConfig.", "eval ")
 
@@ -182,6 +183,7 @@ class RunSpec:
   eval: EvalConfig
   keep_checkpoints: int
   target: Mapping[str, Any]
+  study: StudyConfig = StudyConfig()
 
   @property
   def source(self) -> SourceConfig:
@@ -222,7 +224,8 @@ class RunSpec:
     pretrain = None if pt.steps <= 0 else _section("pretrain", lambda: PretrainConfig(
         steps=pt.steps, batch_size=pt.batch_size, seq_len=pt.seq_len,
         learning_rate=pt.learning_rate, warmup_steps=pt.warmup_steps,
-        reasoning_example_fraction=pt.reasoning_example_fraction, thought=pt.thought,
+        reasoning_example_fraction=pt.reasoning_example_fraction,
+        skill_example_fraction=pt.skill_example_fraction, thought=pt.thought,
         template=d.template, max_context_tokens=pt.max_context_tokens,
         min_context_tokens=pt.min_context_tokens, seed=c.seed, log_every=pt.log_every))
     loss = _section("rl", lambda: LossConfig(
@@ -255,6 +258,10 @@ class RunSpec:
         reward=("prefix_match" if objective.objective.answer_score is not None
                 else rl.reward),
         batch_size=e.batch_contexts, prompt_buckets=tuple(d.prompt_buckets), seed=c.seed))
+    st = c.get("study") or {}
+    study = _section("study", lambda: StudyConfig(
+        eval_points=st.get("eval_points", 6),
+        filters=tuple(st.get("filters", StudyConfig.filters))))
     target = c.get("compile_check")
     target = dict(target.to_dict() if isinstance(target, ml_collections.ConfigDict)
                   else (target or {}))
@@ -267,4 +274,4 @@ class RunSpec:
                tokenizer_path=c.tokenizer.path, train_vocab_size=c.tokenizer.train_vocab_size,
                proxy_hf_path=d.proxy_hf_path, prepare=prepare, records_dir=d.records_dir,
                loader=loader, pretrain=pretrain, rpt=rpt, eval=evaluation,
-               keep_checkpoints=c.train.keep_checkpoints, target=target)
+               keep_checkpoints=c.train.keep_checkpoints, target=target, study=study)

@@ -15,7 +15,7 @@ import os
 from rpt_jax import errors
 from rpt_jax import mesh as mesh_lib
 
-MODES = ("all", "prepare", "pretrain", "train", "eval", "export", "compile_check")
+MODES = ("all", "prepare", "pretrain", "train", "eval", "export", "compile_check", "study")
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -64,7 +64,7 @@ def validate_run(spec, *, mode: str, num_devices: int, num_processes: int = 1) -
     _require(rows % ways == 0,
              f"rl.{field}={getattr(rpt, field)} gives {rows} rows per micro-batch, not a "
              f"multiple of the {ways}-way batch split (data x fsdp); choose one that is.")
-  if mode in ("all", "pretrain") and spec.pretrain is not None:
+  if mode in ("all", "pretrain", "study") and spec.pretrain is not None:
     _require(spec.pretrain.batch_size % ways == 0,
              f"pretrain.batch_size={spec.pretrain.batch_size} must be a multiple of the "
              f"{ways}-way batch split.")

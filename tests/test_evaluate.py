@@ -280,6 +280,39 @@ def test_evaluate_report_matches_hand_worked_numbers(tiny_model, tokenizer, reco
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_thought_length_and_breakdown_by_kind_match_hand_worked_numbers(tiny_model, tokenizer,
+                                                                         records_dir):
+  params = nnx.split(tiny_model)[1]
+  config = ev.EvalConfig(num_samples=G, pass_k=(1,), temperature=0.7, max_new_tokens=MAX_NEW,
+                         template="v0_short", batch_size=4, prompt_buckets=(199, 256))
+  measured = ev.measure(tiny_model, tokenizer, FakeSampler(tokenizer, expect_params=params),
+                        records_dir, config=config, rng=jax.random.key(0), params=params)
+  # Bytes before '</think>'; a response without one counts its generated tokens (stop included,
+  # or MAX_NEW when cut): the q row (3 + 13 + 1 + 1) / 4, the LONG row 48 / 4, 'no answer' 10 / 4.
+  thought = [4.5, 0.0, 12.0, 0.0, 2.5, 0.0]
+  np.testing.assert_allclose(measured.reasoning["thought_length"], thought)
+  report = ev.summarize(measured, (0.5, 1.0, 1.5), config.pass_k)
+  assert report["all"]["mean_thought_length"] == pytest.approx(np.mean(thought))
+  assert report["hard"]["mean_thought_length"] == pytest.approx(1.25)
+  kind = lambda rec: "ends in q" if tokenizer.decode(rec.context_ids).endswith("q") else "other"
+  table = ev.breakdown(measured, kind, (0.5, 1.0, 1.5))
+  assert list(table) == ["hard", "all"] and list(table["all"]) == ["ends in q", "other"]
+  # all: rows 0, 3, 5 end in q (argmax right 3/3, first sample right 1, 1, 0); rows 1, 2, 4 not
+  # (argmax 1/3, first sample 0, 0, 1). hard: row 3 (q) and row 4.
+  want = {("all", "ends in q"): (3, 100.0, 200 / 3, 1.5),
+          ("all", "other"): (3, 100 / 3, 100 / 3, 14.5 / 3),
+          ("hard", "ends in q"): (1, 100.0, 100.0, 0.0), ("hard", "other"): (1, 0.0, 100.0, 2.5)}
+  for (split, k), (n, std, rsn, th) in want.items():
+    got = table[split][k]
+    assert got["num_positions"] == n
+    assert (got["standard_accuracy"], got["reasoning_accuracy"],
+            got["mean_thought_length"]) == pytest.approx((std, rsn, th))
+  text = report_lib.breakdown_table(table, table, "all")
+  assert "| ends in q | 3 | 100.0 | 100.0 | 66.7 | 66.7 | 1.5 |" in text
+  summary = report_lib.summary_table(report, report)
+  assert summary.splitlines()[-1].split()[:2] == ["all", "6"]
+
+
 def test_modes_can_run_alone(tiny_model, tokenizer, records_dir):
   config = ev.EvalConfig(modes=("standard",), template="v0_short", batch_size=4)
   report = ev.evaluate(tiny_model, tokenizer, None, records_dir, config=config,
@@ -292,7 +325,6 @@ def test_modes_can_run_alone(tiny_model, tokenizer, records_dir):
 def test_prompt_left_truncation_keeps_the_end_of_the_context(tokenizer):
   rec = PositionRecord(0, 9, np.asarray(tokenizer.encode("abcdefghi"), np.int32), b"j",
                        np.asarray([1], np.int32), 0.0, False, 0, "eval")
-  # Evaluation builds prompts with the loader's rule (`prompts.fitted_prompt_ids`).
   ids, truncated = prompts.fitted_prompt_ids(rec.context_ids, tokenizer, "v0_short", 194 + 3)
   assert truncated and len(ids) == 197 and tokenizer.decode(ids).endswith(
       "### Context\nghi<assistant><think>\n")

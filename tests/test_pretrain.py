@@ -111,6 +111,68 @@ def test_plain_rows_mask_every_real_token(tokenizer, corpus):
   assert seen_eos
 
 
+def test_skill_rows_are_chat_turns_with_worked_answers_not_the_template(tokenizer, corpus):
+  from rpt_jax.data import skills
+  cfg = _config(batch_size=8, reasoning_example_fraction=0.25, skill_example_fraction=0.5,
+                seq_len=160)
+  batches = pt.PretrainBatches(tokenizer, corpus, cfg)
+  seen = 0
+  for step in range(3):
+    batch = batches.batch(step)
+    assert batch.is_reasoning.sum() == 2 and batch.is_skill.sum() == 4
+    assert not (batch.is_reasoning & batch.is_skill).any()
+    for row in np.flatnonzero(batch.is_skill):
+      n = int(batch.attention_mask[row].sum())
+      ids = batch.tokens[row, :n].tolist()
+      first_target = int(np.flatnonzero(batch.loss_mask[row])[0]) + 1
+      prompt_text = tokenizer.decode(ids[:first_target])
+      response = tokenizer.decode(ids[first_target:-1])
+      assert ids[-1] == tokenizer.eos_id and batch.loss_mask[row, n - 1:].sum() == 0
+      assert "### Context" not in prompt_text and "Next token:" not in prompt_text
+      # The user turn is the problem, the response its work and result, checked by Python.
+      answer = prompts.extract_prediction(response)
+      thought = response.split("\n</think>")[0]
+      line = prompt_text.rsplit("\n", 1)[-1] if "\n" in prompt_text else prompt_text
+      for a, op, b, eq in __import__("re").findall(r"(\d+) ([-+*]) (\d+) = $", line.split(
+          "<")[0]):
+        assert int(answer) == {"+": int(a) + int(b), "-": int(a) - int(b),
+                               "*": int(a) * int(b)}[op]
+      assert any(ex.thought == thought and ex.answer == answer
+                 for ex in skills.skill_examples(cfg.seed, 64 * 64))
+      seen += 1
+  assert seen == 12
+
+
+def test_no_held_out_document_text_in_the_pretraining_stream(tokenizer, corpus):
+  from rpt_jax.data import records
+  train = pt.train_documents(corpus, eval_fraction=0.25, seed=7)
+  held_out = [d for i, d in enumerate(corpus) if records.document_split(i, 0.25, 7) == "eval"]
+  assert held_out and len(train) + len(held_out) == len(corpus)
+  # Problem lines (name, item, three numbers) of held-out documents that no training document
+  # holds; short lines ("4 * 5 = 20") also come up by chance in the fresh skill problems.
+  train_lines = {line for d in train for line in d.splitlines()}
+  private = {line for d in held_out for line in d.splitlines()
+             if line not in train_lines and line.startswith("Problem:")}
+  assert len(private) > 10
+  cfg = _config(batch_size=16, seq_len=160, reasoning_example_fraction=0.25,
+                skill_example_fraction=0.25)
+  batches = pt.PretrainBatches(tokenizer, train, cfg)
+  streamed, plain = [], 0
+  for step in range(60):  # more plain rows than the training documents have chunks
+    batch = batches.batch(step)
+    for row in range(cfg.batch_size):
+      ids = batch.tokens[row, :int(batch.attention_mask[row].sum())].tolist()
+      streamed.append(tokenizer.decode(ids))
+      if not (batch.is_reasoning[row] or batch.is_skill[row]):
+        chunk = tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
+        assert any(chunk in d for d in train), chunk  # every plain row: a training document's
+        plain += 1
+  text = "\n".join(streamed)
+  assert plain == 60 * 8 and all(d.splitlines()[0] in text for d in train[:20])
+  leaked = [line for line in private if line in text]
+  assert not leaked, leaked[:3]
+
+
 def test_batches_are_deterministic_and_seeded(tokenizer, corpus):
   cfg = _config(batch_size=8)
   a = pt.PretrainBatches(tokenizer, corpus, cfg)

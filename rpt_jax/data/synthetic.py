@@ -64,7 +64,7 @@ class SyntheticConfig:
       raise ValueError(f"synthetic max_digits={self.max_digits}: must be in 1..9.")
 
 
-class _Rng:
+class Rng:
   """Integers and choices from `random.Random.random()` only (version-stable)."""
 
   def __init__(self, seed: str):
@@ -79,12 +79,12 @@ class _Rng:
     return seq[self.int(0, len(seq) - 1)]
 
 
-def _number(rng: _Rng, max_digits: int) -> int:
+def _number(rng: Rng, max_digits: int) -> int:
   digits = rng.int(1, max_digits)
   return rng.int(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1)
 
 
-def _arithmetic(rng: _Rng, cfg: SyntheticConfig) -> str:
+def _arithmetic(rng: Rng, cfg: SyntheticConfig) -> str:
   op = rng.choice(("+", "+", "-", "*"))
   if op == "*":
     a, b = rng.int(2, 99), rng.int(2, 9)
@@ -96,7 +96,7 @@ def _arithmetic(rng: _Rng, cfg: SyntheticConfig) -> str:
   return f"{a} + {b} = {a + b}"
 
 
-def _sequence(rng: _Rng, cfg: SyntheticConfig) -> str:
+def _sequence(rng: Rng, cfg: SyntheticConfig) -> str:
   del cfg
   rule = rng.choice(("arithmetic", "geometric", "fibonacci"))
   if rule == "arithmetic":
@@ -112,7 +112,7 @@ def _sequence(rng: _Rng, cfg: SyntheticConfig) -> str:
   return "Sequence: " + ", ".join(str(t) for t in terms)
 
 
-def _algebra(rng: _Rng, cfg: SyntheticConfig) -> str:
+def _algebra(rng: Rng, cfg: SyntheticConfig) -> str:
   del cfg
   x = rng.int(1, 30)
   op = rng.choice(("+", "-", "*"))
@@ -126,7 +126,7 @@ def _algebra(rng: _Rng, cfg: SyntheticConfig) -> str:
   return f"If {b} * x = {b * x} then x = {x}."
 
 
-def _problem(rng: _Rng, cfg: SyntheticConfig) -> str:
+def _problem(rng: Rng, cfg: SyntheticConfig) -> str:
   del cfg
   name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
   have, bags, per = rng.int(2, 40), rng.int(2, 9), rng.int(2, 12)
@@ -144,12 +144,44 @@ def _problem(rng: _Rng, cfg: SyntheticConfig) -> str:
           f"The answer is {have - bought}.")
 
 
-_MAKERS: dict[str, Callable[[_Rng, SyntheticConfig], str]] = {
+_MAKERS: dict[str, Callable[[Rng, SyntheticConfig], str]] = {
     "arithmetic": _arithmetic,
     "sequence": _sequence,
     "algebra": _algebra,
     "problem": _problem,
 }
+
+
+def corpus_line(rng: Rng, config: SyntheticConfig | None = None) -> str:
+  """One line (a problem: two lines) of a uniformly drawn kind, as documents hold them."""
+  config = config or SyntheticConfig()
+  return _MAKERS[rng.choice(config.kinds)](rng, config)
+
+
+# Where a line's tokens become computable from what precedes them (the rest is either fixed
+# wording, predictable without work, or a free choice no reasoning can predict: an operand, a
+# name, a sequence's first terms).
+LINE_KINDS = ("arithmetic", "sequence", "algebra", "problem", "line start")
+
+
+def position_kind(line_prefix: str) -> tuple[str, bool]:
+  """(line kind, computable) of the next token after `line_prefix`, the text of its line
+  before it (the context after its last newline).
+
+  computable: an arithmetic line's result (after '='), a sequence's terms from the fourth on,
+  an equation's solution (after 'then x ='), a problem's Solution line; False for operands,
+  names, first terms and the problem statement. An empty prefix (the token starts a line) is
+  ('line start', False).
+  """
+  if not line_prefix:
+    return "line start", False
+  if line_prefix.startswith("Sequence:"):
+    return "sequence", line_prefix.count(",") >= 3
+  if line_prefix.startswith("If "):
+    return "algebra", "then x =" in line_prefix
+  if line_prefix.startswith(("Problem:", "Solution:")):
+    return "problem", line_prefix.startswith("Solution:")
+  return "arithmetic", "=" in line_prefix
 
 
 def synthetic_documents(config: SyntheticConfig | None = None) -> Iterator[str]:
@@ -160,7 +192,7 @@ def synthetic_documents(config: SyntheticConfig | None = None) -> Iterator[str]:
   """
   config = config or SyntheticConfig()
   for i in range(config.num_documents):
-    rng = _Rng(f"rpt-synthetic/{config.seed}/{i}")
+    rng = Rng(f"rpt-synthetic/{config.seed}/{i}")
     lo, hi = config.lines_per_document
     lines = [_MAKERS[rng.choice(config.kinds)](rng, config) for _ in range(rng.int(lo, hi))]
     yield "\n".join(lines) + "\n"

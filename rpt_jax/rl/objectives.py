@@ -182,7 +182,7 @@ class ObjectiveConfig:
 
   @property
   def objective(self) -> Objective:
-    return OBJECTIVES[self.name]
+    return get_objective(self.name)
 
   @classmethod
   def build(cls, name: str, fields: dict[str, Any], **parts) -> "ObjectiveConfig":

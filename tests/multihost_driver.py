@@ -46,7 +46,8 @@ def micro_config(train_steps: int, dynamic_from: int):
   c.data.eval_fraction = 0.1
   # Enough next-token + answer-format pretraining that some answers are well formed.
   c.pretrain.update(steps=300, batch_size=8, seq_len=160, max_context_tokens=32,
-                    learning_rate=3e-3, warmup_steps=4, thought="", log_every=100)
+                    learning_rate=3e-3, warmup_steps=4, thought="", log_every=100,
+                    reasoning_example_fraction=0.5, skill_example_fraction=0.0)
   c.rl.update(batch_contexts=8, num_generations=2, max_new_tokens=12, rollout_micro_batch=4,
               train_micro_batch=4, dynamic_sampling_from_step=dynamic_from,
               dynamic_sampling_max_tries=2)

@@ -25,7 +25,7 @@ def test_a_whole_run_prints_bars_and_the_table_and_logs_the_rest(tmp_path_factor
   shown = _terminal_lines(proc.stdout) + _terminal_lines(proc.stderr)
   assert len(shown) <= 60, "\n".join(shown)
   assert any(l.startswith("rpt: 100%") for l in shown)  # the RPT progress bar
-  assert "Next-token reasoning accuracy on held-out positions (%):" in proc.stdout
+  assert "Next-token reasoning accuracy on held-out positions (%)" in proc.stdout
   # Library INFO (absl, Orbax) is in the log file only.
   assert not any(l[:1] in "IW" and l[1:5].isdigit() for l in shown), shown
   with open(os.path.join(workdir, "logs", "run.log")) as f:

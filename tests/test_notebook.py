@@ -137,15 +137,17 @@ def test_plots_and_tables_match_the_written_reports(executed):
 
   final = _text(code[-1])
   assert "| mode (accuracy %) |" in final and "Next-token reasoning accuracy" in final
-  # Each summary row (split, positions, before %, after %, format before %, format after %)
-  # must equal the eval reports the stages wrote to the workdir.
+  # Each summary row (split, positions | standard before after | reasoning before after |
+  # format before after | thought tokens before after) must equal the written eval reports.
   before = json.loads((workdir / "eval" / "before_rpt.json").read_text())["report"]
   after = json.loads((workdir / "eval" / "after_rpt.json").read_text())["report"]
-  rows = re.findall(r"^(easy|medium|hard|all)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$",
-                    final, re.M)
+  number = r"\s+([\d.]+)\s+([\d.]+)\s+\|"
+  rows = re.findall(r"^(easy|medium|hard|all)\s+(\d+)\s+\|" + number * 3, final, re.M)
   assert sorted(r[0] for r in rows) == sorted(after), final  # the JSON keys are sorted
-  for split, n, acc_b, acc_a, fmt_b, fmt_a in rows:
+  for split, n, std_b, std_a, acc_b, acc_a, fmt_b, fmt_a in rows:
     assert int(n) == after[split]["num_positions"] > 0
+    assert float(std_b) == pytest.approx(before[split]["standard_accuracy"], abs=0.006)
+    assert float(std_a) == pytest.approx(after[split]["standard_accuracy"], abs=0.006)
     assert float(acc_b) == pytest.approx(before[split]["reasoning_accuracy"], abs=0.006)
     assert float(acc_a) == pytest.approx(after[split]["reasoning_accuracy"], abs=0.006)
     assert float(fmt_b) == pytest.approx(before[split]["format_rate"], abs=0.006)

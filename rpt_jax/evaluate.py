@@ -1,3 +1,4 @@
+# Over ~400 lines: measuring, summarising by split and by kind share one set of positions.
 """Evaluation: next-token accuracy by difficulty (the paper's Table 1).
 
 This module owns the held-out evaluation of a policy on prepared position records:

@@ -1,3 +1,4 @@
+# Over ~400 lines: three row kinds (plain, reasoning, skill) share one batch builder; next split.
 """Plain next-token pretraining from scratch, mixed with formatted next-token-reasoning examples.
 
 Owns the `pretrain` mode: it turns a random policy into one that models the corpus AND already

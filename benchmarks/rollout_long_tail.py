@@ -49,7 +49,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.sampler import CONFIGS  # noqa: E402
+from benchmarks.sampler import CONFIGS, hf_model  # noqa: E402
 from rpt_jax.model import hf_io  # noqa: E402
 from rpt_jax.rl.engine import SlotEngine  # noqa: E402
 from rpt_jax.rl.sampler import Sampler  # noqa: E402
@@ -66,14 +66,7 @@ def budgets_lognormal(rows: int, mean: float, sigma: float, cap: int, seed: int)
 
 def build(config: dict, path: str):
   """(HF torch model, our Transformer) with the same random weights."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  hf_config = transformers.Qwen2Config(max_position_embeddings=1024, tie_word_embeddings=False,
-                                       bos_token_id=None, eos_token_id=None, pad_token_id=0,
-                                       **config)
-  torch.manual_seed(0)
-  torch_model = transformers.Qwen2ForCausalLM(hf_config).eval()
-  torch_model.save_pretrained(path)
+  torch_model = hf_model(config, path)
   return torch_model, hf_io.load_hf(path)[0]
 
 

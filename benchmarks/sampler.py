@@ -74,12 +74,13 @@ def machine_peaks() -> tuple[float, float]:
   return flops, bandwidth
 
 
-def hf_model(name: str, path: str):
+def hf_model(config: dict, path: str):
+  """A random Qwen2 of `config` (a CONFIGS entry) written to `path` with save_pretrained."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   config = transformers.Qwen2Config(max_position_embeddings=1024, tie_word_embeddings=False,
                                     bos_token_id=None, eos_token_id=None, pad_token_id=0,
-                                    **CONFIGS[name])
+                                    **config)
   torch.manual_seed(0)
   model = transformers.Qwen2ForCausalLM(config).eval()
   model.save_pretrained(path)
@@ -103,7 +104,7 @@ def run(name: str, args) -> None:  # pylint: disable=protected-access
   rows = b * g
   print(f"\n== config ({name}) {CONFIGS[name]} | {b} contexts x G={g}, L={l}, N={n}, T=0.8 ==")
   with tempfile.TemporaryDirectory() as path:
-    torch_model = hf_model(name, path)
+    torch_model = hf_model(CONFIGS[name], path)
     model, cfg = hf_io.load_hf(path)
   sampler = Sampler(model)
   prompts = np.random.RandomState(0).randint(1, cfg.vocab_size, (b, l)).astype(np.int32)

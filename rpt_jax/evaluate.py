@@ -68,7 +68,6 @@ class EvalConfig:
     length_multiple: standard mode pads contexts to a multiple of this many tokens.
     modes: which of `MODES` to run.
     seed: seeds the subset choice of `max_positions`.
-    micro_batch: passed to the sampler (contexts per decode call; None: all).
   """
 
   max_positions: int | None = None
@@ -83,7 +82,6 @@ class EvalConfig:
   length_multiple: int = 64
   modes: tuple[str, ...] = MODES
   seed: int = 0
-  micro_batch: int | None = None
 
   def __post_init__(self):
     for name in ("pass_k", "prompt_buckets", "modes"):
@@ -248,8 +246,7 @@ def reasoning_accuracy(sampler, tokenizer, positions: Sequence[PositionRecord], 
                        num_samples: int = 1, temperature: float, max_new_tokens: int,
                        template: str = "v0", reward: str = "prefix_match", rng: jax.Array,
                        batch_size: int, params: Any = None, prompt_buckets: Sequence[int],
-                       pass_k: Sequence[int] = (1,), micro_batch: int | None = None
-                       ) -> dict[str, Any]:
+                       pass_k: Sequence[int] = (1,)) -> dict[str, Any]:
   """Samples `num_samples` answers per position and scores them; per-position arrays [P].
 
   Prompts are right-padded with the tokenizer's pad id to the smallest bucket holding the
@@ -286,8 +283,7 @@ def reasoning_accuracy(sampler, tokenizer, positions: Sequence[PositionRecord], 
       prompt_lengths[j] = len(built[i][0])
     out = sampler.generate(tokens, prompt_lengths, num_samples=num_samples,
                            max_new_tokens=max_new_tokens, temperature=temperature,
-                           eos_ids=stop_ids, rng=jax.random.fold_in(rng, b), params=params,
-                           **({} if micro_batch is None else {"micro_batch": micro_batch}))
+                           eos_ids=stop_ids, rng=jax.random.fold_in(rng, b), params=params)
     # Context j owns rows j*G .. j*G+G-1; rows past the real contexts are dropped.
     real = len(rows) * num_samples
     out_tokens, out_lengths, out_done = (_host(x)[:real] for x in (out.tokens, out.lengths,
@@ -352,8 +348,7 @@ def measure(model: nnx.Module | None, tokenizer, sampler, records_dir: str, *,
         sampler, tokenizer, positions, num_samples=config.num_samples,
         temperature=config.temperature, max_new_tokens=config.max_new_tokens,
         template=config.template, reward=config.reward, rng=rng, batch_size=config.batch_size,
-        params=params, prompt_buckets=config.prompt_buckets, pass_k=config.pass_k,
-        micro_batch=config.micro_batch)
+        params=params, prompt_buckets=config.prompt_buckets, pass_k=config.pass_k)
   return Measured(positions, standard, reasoning)
 
 

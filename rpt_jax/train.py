@@ -76,13 +76,14 @@ class Timer:
     return _Span()
 
 
-def make_rollout_sampler(model: nnx.Module, slots: int, **kwargs) -> Sampler:
+def make_rollout_sampler(model: nnx.Module, slots: int, micro_batch: int, **kwargs) -> Sampler:
   """The rollout sampler: the continuous-batching `SlotEngine` with `slots` decode slots (rows
   never wait for the longest one), or on several processes the static `Sampler` (the engine
   schedules on its host and reads every prompt there: one process only, for now). Both give
-  the same tokens for the same rows (tests/rl/test_engine.py)."""
+  the same tokens for the same rows (tests/rl/test_engine.py). `micro_batch`: the static
+  sampler's contexts per sequential chunk (the engine's slots bound its batch instead)."""
   if jax.process_count() > 1:
-    return Sampler(model, **kwargs)
+    return Sampler(model, micro_batch=micro_batch, **kwargs)
   return SlotEngine(model, decode_slots=slots, **kwargs)
 
 
@@ -133,8 +134,8 @@ class RPTTrainer:
         temperature=config.temperature, micro_batch_contexts=config.train_micro_contexts,
         shared_prefix=config.shared_prefix, mesh=mesh, rules=self.rules,
         ema_decay=getattr(objective.settings, "ema_decay", None))
-    self.sampler = make_rollout_sampler(model, config.slots, mesh=mesh, rules=self.rules,
-                                        pad_id=tokenizer.pad_id)
+    self.sampler = make_rollout_sampler(model, config.slots, config.rollout_micro_contexts,
+                                        mesh=mesh, rules=self.rules, pad_id=tokenizer.pad_id)
     self.root_key = jax.random.key(config.seed)
     self.checkpointer = checkpointer or checkpoint_lib.Checkpointer(
         workdir, save_interval_steps=max(config.checkpoint_every, 1),
@@ -248,9 +249,7 @@ class RPTTrainer:
         self._to_global(batch.prompt_tokens), self._to_global(batch.prompt_lengths),
         num_samples=self.G, max_new_tokens=self.budget(step), temperature=cfg.temperature,
         top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=tuple(self.tokenizer.stop_ids), rng=key,
-        params=self.state.params,
-        **({} if isinstance(self.sampler, SlotEngine) else
-           {"micro_batch": cfg.rollout_micro_contexts}))
+        params=self.state.params)
     # Batch-sharded again (micro-batch outputs are concatenated) so each process reads its rows.
     rows = jax.device_put((out.tokens, out.lengths, out.done), self.batch_sharding)
     tokens, lengths, done = (host_rows.local_rows(x) for x in rows)

@@ -86,7 +86,8 @@ class Sampler:
   """
 
   def __init__(self, model: Transformer, *, mesh: Mesh | None = None,
-               rules: mesh_lib.ShardingRules | None = None, pad_id: int = 0):
+               rules: mesh_lib.ShardingRules | None = None, pad_id: int = 0,
+               micro_batch: int | None = None):
     self.graphdef, self.params = nnx.split(model)
     if model.config.remat != "none":
       # Generation never differentiates, and remat inside the decode while_loop fails to trace
@@ -96,6 +97,7 @@ class Sampler:
           plain, rngs=nnx.Rngs(0), mesh=model.mesh, rules=model.rules)))
     self.config = model.config
     self.mesh, self.rules, self.pad_id = mesh, rules or mesh_lib.ShardingRules(), int(pad_id)
+    self.micro_batch = micro_batch  # `generate`'s default: contexts per sequential chunk
     self._fns: dict[tuple, Any] = {}
     # Incremented while tracing: how many times each program was (re)compiled.
     self.trace_counts: collections.Counter = collections.Counter()
@@ -130,7 +132,7 @@ class Sampler:
     method = Sampling(float(temperature), int(top_k), float(top_p))
     g = int(num_samples)
     budgets_R, n = self.row_budgets(max_new_tokens, b * g, l, cache_tokens)
-    mb = min(micro_batch or b, b)
+    mb = min(micro_batch or self.micro_batch or b, b)
     eos = tuple(sorted({int(e) for e in eos_ids}))
     params = self._place_params(self.params if params is None else params)
     tokens_BL = jnp.asarray(prompt_tokens, jnp.int32)

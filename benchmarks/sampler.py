@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from rpt_jax.model import hf_io
+from rpt_jax.rl.engine import SlotEngine
 from rpt_jax.rl.sampler import Sampler
 from rpt_jax.rl.sampling import Sampling, row_uniforms, sample_tokens
 
@@ -48,6 +49,8 @@ CONFIGS = {
               num_key_value_heads=2, intermediate_size=768),
     "b": dict(vocab_size=8192, hidden_size=768, num_hidden_layers=8, num_attention_heads=12,
               num_key_value_heads=4, intermediate_size=2048),
+    "smoke": dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64),  # the suite's run (seconds)
 }
 
 
@@ -97,6 +100,30 @@ def no_cache_step(model_state, graphdef, tokens_RS, length, rng, method):
   logits = model.logits(hidden[:, length - 1][:, None])[:, 0]
   tok, _ = sample_tokens(logits, row_uniforms(rng, length, jnp.arange(r)), method)
   return tokens_RS.at[:, length].set(tok)
+
+
+def engine_decode_timer(model, params, prompts_BL, lengths_B, g: int, n: int, method, rng):
+  """A function timing one run of the slot engine's decode program: all B*G slots filled by one
+  admission (untimed), then one chunk of N - 1 steps that never exits early (every row's budget
+  is N). Returns seconds per step."""
+  b, l = prompts_BL.shape
+  rows = b * g
+  engine = SlotEngine(model, decode_slots=rows, prefill_contexts=b, chunk_steps=n - 1)
+  admit = engine.programs.admit(rows, l + n, b, l, g, method, ())
+  chunk = engine.programs.chunk(rows, l + n, n - 1, method, ())
+  key_shape = jax.random.key_data(rng).shape
+  slot_R, budget_R = np.arange(rows, dtype=np.int32), np.full((rows,), n, np.int32)
+
+  def time_one() -> float:
+    state = engine.programs.init(rows, l + n, key_shape)
+    state, *_ = jax.block_until_ready(admit(params, state, prompts_BL, lengths_B, slot_R, slot_R,
+                                            budget_R, rng))
+    seconds, out = _time(chunk, params, state, jnp.int32(rows + 1))
+    assert int(out[3]) == n - 1, int(out[3])
+    return seconds / (n - 1)
+
+  time_one()  # Compiles both programs.
+  return time_one
 
 
 def run(name: str, args) -> None:  # pylint: disable=protected-access
@@ -180,24 +207,29 @@ def run(name: str, args) -> None:  # pylint: disable=protected-access
   embed = cfg.vocab_size * cfg.hidden_size  # The input embedding is gathered, not read whole.
   weight_bytes = (cfg.num_params() - (0 if cfg.tie_word_embeddings else embed)) * 4
   kv_bytes = rows * s_mean * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
-  pairs = []
-  for _ in range(args.roofline_pairs):
-    peak, bandwidth = machine_peaks()
-    roof = max(flops / peak, (weight_bytes + kv_bytes) / bandwidth)
-    step = _time(decode_call)[0] / (n - 1)  # N - 1 forward passes; token 1 is from the prefill.
-    pairs.append((roof / step, step, roof, peak, bandwidth))
-  ratio, step, roof, peak, bandwidth = max(pairs)
-  print(f"decode step: {step * 1e3:.1f} ms measured; roofline {roof * 1e3:.1f} ms = max(compute "
-        f"{flops / 1e9:.2f} GFLOP / {peak / 1e9:.0f} GFLOP/s = {flops / peak * 1e3:.1f} ms, "
-        f"memory (weights {weight_bytes / 2**20:.0f} MiB + KV {kv_bytes / 2**20:.0f} MiB) / "
-        f"{bandwidth / 1e9:.1f} GB/s = {(weight_bytes + kv_bytes) / bandwidth * 1e3:.1f} ms) -> "
-        f"{100 * ratio:.0f}% of roofline (best of {len(pairs)} pairs; range "
-        f"{100 * min(p[0] for p in pairs):.0f}-{100 * ratio:.0f}%)")
+  engine_step = engine_decode_timer(model, params, prompts, lengths, g, n, method, rng)
+  steps = {"static": lambda: _time(decode_call)[0] / (n - 1),  # token 1 is from the prefill
+           "engine": engine_step}
+  for label, step_fn in steps.items():
+    pairs = []
+    for _ in range(args.roofline_pairs):
+      peak, bandwidth = machine_peaks()
+      roof = max(flops / peak, (weight_bytes + kv_bytes) / bandwidth)
+      step = step_fn()
+      pairs.append((roof / step, step, roof, peak, bandwidth))
+    ratio, step, roof, peak, bandwidth = max(pairs)
+    print(f"{label} decode step: {step * 1e3:.1f} ms measured; roofline {roof * 1e3:.1f} ms = "
+          f"max(compute {flops / 1e9:.2f} GFLOP / {peak / 1e9:.0f} GFLOP/s = "
+          f"{flops / peak * 1e3:.1f} ms, memory (weights {weight_bytes / 2**20:.0f} MiB + KV "
+          f"{kv_bytes / 2**20:.0f} MiB) / {bandwidth / 1e9:.1f} GB/s = "
+          f"{(weight_bytes + kv_bytes) / bandwidth * 1e3:.1f} ms) -> {100 * ratio:.0f}% of "
+          f"roofline (best of {len(pairs)} pairs; range "
+          f"{100 * min(p[0] for p in pairs):.0f}-{100 * ratio:.0f}%)")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", choices=["a", "b", "both"], default="both")
+  parser.add_argument("--config", choices=["a", "b", "both", "smoke"], default="both")
   parser.add_argument("--skip-hf", action="store_true", help="skip transformers generate")
   parser.add_argument("--contexts", type=int, default=16)
   parser.add_argument("--samples", type=int, default=8)

@@ -96,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Decode slots of the continuous-batching rollout engine (rpt_jax.rl.engine): rows that finish
   # are replaced by waiting ones. 0 = rollout_micro_batch x num_generations (the same KV cache).
   c.rl.decode_slots = 0
+  # Contexts prefilled per admission into free slots (G rows each). On a mesh, a multiple of the
+  # batch split (data x fsdp) splits the prefill across it; 1 repeats it on every batch shard.
+  c.rl.prefill_contexts = 1
   c.rl.train_micro_batch = 8  # contexts (each with its G rollouts) per gradient-accumulation micro-step
   c.rl.shared_prefix = True  # encode each context once per group in the train pass
 

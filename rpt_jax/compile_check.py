@@ -4,9 +4,10 @@ r"""Will a run config fit its hardware? Compile its programs for the target, on 
 step for the config's model and mesh, and reads per-device bytes from
 `compiled.memory_analysis()`:
 
-  sampler_prefill  one rollout micro-batch (`rl.rollout_micro_batch` contexts) at the longest
-                   prompt bucket;
-  sampler_decode   the same micro-batch's G rollouts decoded to `rl.max_new_tokens`;
+  sampler_prefill  the rollout engine's admission: its prefill contexts at the longest prompt
+                   bucket, prefilled and inserted into the slot cache of `rl.decode_slots` rows
+                   x (bucket + `rl.max_new_tokens`) positions;
+  sampler_decode   one chunk of decode steps over every slot;
   train_step       the whole update: `rl.batch_contexts` contexts at the longest bucket with G
                    responses of `rl.max_new_tokens`, gradients accumulated over micro-batches of
                    `rl.train_micro_batch` contexts, AdamW applied.
@@ -15,7 +16,7 @@ Nothing is materialised: the model is `nnx.eval_shape`d from the run's own archi
 (`RunSpec.model.model_config`, as the run builds it: HF config.json, or `compile_check.hf_config`
 when the weights are elsewhere, or the scratch model at the tokenizer's size) and every input is a
 `jax.ShapeDtypeStruct` carrying its sharding. The programs are lowered through the public
-`Sampler.lower` and `TrainStep.lower`; the target is found by `rpt_jax.targets`. With `compile_check.platform = 'tpu'`
+`lower` of the sampler the run builds (`rpt_jax.train.make_rollout_sampler`) and `TrainStep.lower`; the target is found by `rpt_jax.targets`. With `compile_check.platform = 'tpu'`
 the programs are compiled for a TPU topology described by libtpu (`jax[tpu]` installed, no TPU
 needed): `jax.experimental.topologies.get_topology_desc`. Otherwise they are compiled for this
 machine's own devices (e.g. on the 8-GPU host itself). Where neither is possible (libtpu missing,
@@ -95,15 +96,16 @@ def run_shapes(spec: RunSpec) -> dict[str, int]:
 def lower_programs(spec: RunSpec, model_config: ModelConfig, mesh: Mesh,
                    programs: Sequence[str] = PROGRAMS) -> dict[str, Any]:
   """{name: jax.stages.Lowered} for the requested PROGRAMS, from abstract inputs only."""
+  from rpt_jax import train  # pylint: disable=g-import-not-at-top
   from rpt_jax.rl import optim, train_state, update  # pylint: disable=g-import-not-at-top
-  from rpt_jax.rl.sampler import Sampler
 
   sh, rpt, rules = run_shapes(spec), spec.rpt, spec.rules
   lp, n, g = sh["prompt_len"], sh["new_tokens"], sh["generations"]
   lowered = {}
   if {"sampler_prefill", "sampler_decode"} & set(programs):
-    sampler = Sampler(abstract_model(model_config, mesh, rules), mesh=mesh, rules=rules,
-                      pad_id=model_config.pad_token_id or 0)
+    sampler = train.make_rollout_sampler(abstract_model(model_config, mesh, rules), rpt.slots,
+                                         rpt.rollout_micro_contexts, mesh=mesh, rules=rules,
+                                         pad_id=model_config.pad_token_id or 0)
     both = sampler.lower(sh["rollout_contexts"], lp, num_samples=g, max_new_tokens=n,
                          temperature=rpt.temperature, top_k=rpt.top_k, top_p=rpt.top_p,
                          eos_ids=model_config.eos_token_ids)
@@ -129,8 +131,8 @@ def estimate_memory(spec: RunSpec, model_config: ModelConfig,
                     mesh_shape: dict[str, int]) -> dict[str, int]:
   """Per-device bytes of the arrays a run holds, by their shardings alone (`mesh_shape` maps
   each mesh axis to its size): the train state (`train_state.bytes_per_device`: params, grads,
-  optimizer, compute_params) and kv_cache, the decode cache of one rollout micro-batch (B*G
-  rows x (prompt bucket + response) slots, compute dtype), and the objective's copies of the
+  optimizer, compute_params) and kv_cache, the rollout engine's slot cache (`rl.decode_slots`
+  rows x (prompt bucket + response) positions, compute dtype), and the objective's copies of the
   weights: reference (the KL anchor, rl.beta > 0) and teacher (RLP's EMA), each laid out like
   the params (0 when not held). Activations and XLA temporaries are not included."""
   from rpt_jax.rl import optim, train_state  # pylint: disable=g-import-not-at-top
@@ -139,8 +141,7 @@ def estimate_memory(spec: RunSpec, model_config: ModelConfig,
   out = train_state.bytes_per_device(params, optim.make_optimizer(**spec.rpt.optimizer),
                                      mesh_shape, spec.rules, model_config.compute_dtype)
   sh = run_shapes(spec)
-  cache_shape = KVCache.shape(model_config, sh["rollout_contexts"] * sh["generations"],
-                              sh["prompt_len"] + sh["new_tokens"])
+  cache_shape = KVCache.shape(model_config, spec.rpt.slots, sh["prompt_len"] + sh["new_tokens"])
   cache_spec = spec.rules.spec(KVCache.LOGICAL_AXES, cache_shape,
                                train_state._MeshShape(mesh_shape))  # pylint: disable=protected-access
   out["kv_cache"] = 2 * model_config.num_layers * train_state.shard_bytes(

@@ -243,7 +243,7 @@ class RunSpec:
         dynamic_sampling_from_step=rl.dynamic_sampling_from_step,
         dynamic_sampling_max_tries=rl.dynamic_sampling_max_tries,
         rollout_micro_batch=rl.rollout_micro_batch, train_micro_batch=rl.train_micro_batch,
-        decode_slots=rl.get("decode_slots", 0),
+        decode_slots=rl.get("decode_slots", 0), prefill_contexts=rl.get("prefill_contexts", 1),
         shared_prefix=rl.shared_prefix,
         optimizer=dict(c.optim.to_dict(), total_steps=max(c.train.steps, 1)),
         log_every=c.train.log_every, checkpoint_every=c.train.checkpoint_every,

@@ -59,6 +59,9 @@ def validate_run(spec, *, mode: str, num_devices: int, num_processes: int = 1) -
   _require(rpt.slots % ways == 0,
            f"rl.decode_slots={rpt.decode_slots} gives {rpt.slots} decode slots, not a multiple "
            f"of the {ways}-way batch split (data x fsdp); choose one that is.")
+  _require(rpt.prefill_contexts == 1 or rpt.prefill_contexts % ways == 0,
+           f"rl.prefill_contexts={rpt.prefill_contexts} is not a multiple of the {ways}-way "
+           f"batch split (data x fsdp); use 1 or a multiple of {ways}.")
   for field, rows in (("rollout_micro_batch", rpt.rollout_micro_contexts),
                       ("train_micro_batch", rpt.train_micro_contexts * rpt.num_generations)):
     _require(rows % ways == 0,

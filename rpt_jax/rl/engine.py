@@ -89,11 +89,18 @@ class SlotEngine(Sampler):
   decode_slots (S): rows decoded at once (with a mesh, a multiple of data * fsdp keeps them
   batch-sharded); at least G. prefill_contexts (P): contexts prefilled per admission (the last
   batch padded with dummies). chunk_steps (K): most decode steps between host visits.
+  live_prefix: decode each chunk on the cache prefix its live rows can reach (one of
+  `LIVE_PREFIXES` lengths, each a compile) instead of the whole cache. Default: on CPU, whose
+  decode attention reads every key it is given (one dense pass is fastest there); elsewhere the
+  attention skips each row's dead blocks itself, and the prefix copy would cost HBM.
   """
 
+  LIVE_PREFIXES = 8
+
   def __init__(self, model, *, decode_slots: int, prefill_contexts: int = 1,
-               chunk_steps: int = 16, **kwargs):
+               chunk_steps: int = 16, live_prefix: bool | None = None, **kwargs):
     super().__init__(model, **kwargs)
+    self.live_prefix = (jax.default_backend() == "cpu") if live_prefix is None else live_prefix
     for name, value in (("decode_slots", decode_slots), ("prefill_contexts", prefill_contexts),
                         ("chunk_steps", chunk_steps)):
       if int(value) < 1:
@@ -105,6 +112,7 @@ class SlotEngine(Sampler):
     self._state: SlotState | None = None
     self._slot_group: list[tuple[_Group, int] | None]  # slot -> (its row's group, member g)
     self._slot_count: np.ndarray  # slot -> tokens its row had when the host last read it
+    self._slot_end: np.ndarray  # slot -> its row's prompt length + budget (positions it can fill)
     self._finished_carry: list[_Group]  # groups finished but not returned by the last call
     self._shape: tuple | None  # (L, N, G) of the carried rows
     self.drop_partial()
@@ -147,11 +155,38 @@ class SlotEngine(Sampler):
     result = self._package(groups, int(policy_version))
     return dataclasses.replace(result, unstarted=unstarted, dropped=dropped, carried=carried)
 
+  def lower(self, contexts: int, prompt_len: int, *, num_samples: int, max_new_tokens: int,
+            temperature: float, top_k: int = 0, top_p: float = 1.0,
+            eos_ids: Sequence[int] = ()) -> dict[str, jax.stages.Lowered]:
+    """{'prefill', 'decode'}: the engine's two programs for prompts of `prompt_len` tokens and
+    a cache of `prompt_len + max_new_tokens` positions, lowered from abstract inputs placed as
+    `generate` places them (`Sampler.lower`'s contract; `contexts` is unused: the slots fix the
+    shapes). prefill = admit (P contexts prefilled into the slot cache), decode = one chunk."""
+    del contexts
+    g, s, p, cache_len = int(num_samples), self.slots, self.prefill_contexts, (
+        int(prompt_len) + int(max_new_tokens))
+    method = Sampling(float(temperature), int(top_k), float(top_p))
+    eos = tuple(sorted({int(e) for e in eos_ids}))
+    params = self.params
+    if self.mesh is not None:
+      params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            params, self._param_shardings(params))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+    state = self.programs.abstract(s, cache_len, key_shape)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    admit = self.programs.admit(s, cache_len, p, int(prompt_len), g, method, eos)
+    chunk = self.programs.chunk(s, cache_len, self.chunk_steps, method, eos)
+    return {"prefill": admit.lower(params, state, i32(p, int(prompt_len)), i32(p), i32(p * g),
+                                   i32(p * g), i32(p * g), key),
+            "decode": chunk.lower(params, state, i32())}
+
   def drop_partial(self) -> None:
     """Forgets carried partial rollouts and frees the slot cache."""
     self._state, self._shape, self._finished_carry = None, None, []
     self._slot_group = [None] * self.slots
     self._slot_count = np.ones(self.slots, np.int64)
+    self._slot_end = np.zeros(self.slots, np.int64)
 
   # ---- scheduling ----------------------------------------------------------------------------
 
@@ -186,7 +221,6 @@ class SlotEngine(Sampler):
     if self._state is None:
       self._state = self.programs.init(self.slots, l + n, jax.random.key_data(rng).shape)
     admit = self.programs.admit(self.slots, l + n, self.prefill_contexts, l, g, method, eos)
-    chunk = self.programs.chunk(self.slots, l + n, self.chunk_steps, method, eos)
     stats = dict(decode_steps=0, chunks=0, admissions=0, tokens=0, first_tokens=0, host_s=0.0)
     eos_set = np.asarray(eos, np.int32)
     start = host = time.perf_counter()  # host: when the device last handed results back
@@ -204,6 +238,8 @@ class SlotEngine(Sampler):
       if not live:
         break
       min_free = g * min(self.prefill_contexts, len(queue)) if queue else self.slots + 1
+      chunk = self.programs.chunk(self.slots, l + n, self.chunk_steps, method, eos,
+                                  self._chunk_prefix(l, l + n))
       self._state, tokens_KS, logprobs_KS, steps, count_S, live_S = chunk(
           params, self._state, jnp.int32(min_free))
       stats["chunks"] += 1
@@ -234,6 +270,18 @@ class SlotEngine(Sampler):
     self._record_stats(stats)
     return done, unstarted, dropped, carried_ids
 
+  def _chunk_prefix(self, prompt_len: int, cache_len: int) -> int:
+    """Cache positions the next chunk can touch: every live row's next K positions (capped at
+    its budget), rounded up to a multiple of cache_len / LIVE_PREFIXES (all when not
+    `live_prefix`). Row r's token t sits at position prompt_len_r + t - 1 once fed."""
+    if not self.live_prefix:
+      return cache_len
+    live = np.asarray([o is not None for o in self._slot_group])
+    reach = np.minimum(prompt_len + self._slot_count + self.chunk_steps - 1, self._slot_end)
+    need = int(max(prompt_len, reach[live].max(initial=0)))
+    step = -(-cache_len // self.LIVE_PREFIXES)
+    return min(cache_len, -(-need // step) * step)
+
   def _carried_groups(self) -> list[_Group]:
     """Groups kept from the previous call: finished ones, then those still in slots."""
     in_slots = {id(o[0]): o[0] for o in self._slot_group if o is not None}
@@ -255,6 +303,7 @@ class SlotEngine(Sampler):
         self._slot_group[s] = (new[i], member)
       budget_R[j * g:(j + 1) * g] = budgets_R[i * g:(i + 1) * g]
       self._slot_count[slot_R[j * g:(j + 1) * g]] = 1
+      self._slot_end[slot_R[j * g:(j + 1) * g]] = lengths_B[i] + budgets_R[i * g:(i + 1) * g]
     self._state, first, logp = admit(params, self._state, tok_PL, len_P, slot_R, row_R,
                                      budget_R, rng)
     return first, logp

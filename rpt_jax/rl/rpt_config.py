@@ -34,6 +34,7 @@ class RPTConfig:
   dynamic_sampling_max_tries: int = 4
   rollout_micro_batch: int = 64
   decode_slots: int = 0
+  prefill_contexts: int = 1
   train_micro_batch: int = 64
   shared_prefix: bool = True
   optimizer: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -63,6 +64,10 @@ class RPTConfig:
     if self.decode_slots < 0:
       raise ValueError(f"rl.decode_slots={self.decode_slots} must be >= 0 (0: "
                        "rl.rollout_micro_batch x rl.num_generations).")
+    if not 1 <= self.prefill_contexts * self.num_generations <= self.slots:
+      raise ValueError(f"rl.prefill_contexts={self.prefill_contexts} x rl.num_generations="
+                       f"{self.num_generations} rows must fit the {self.slots} decode slots "
+                       "(and be >= 1); lower it or raise rl.decode_slots.")
     if self.steps < 0 or self.dynamic_sampling_from_step < 0:
       raise ValueError(f"train.steps={self.steps} / rl.dynamic_sampling_from_step="
                        f"{self.dynamic_sampling_from_step} must be >= 0.")

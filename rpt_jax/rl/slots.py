@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rpt_jax.model.attention import limit_cache_reads
 from rpt_jax.model.transformer import KVCache
 from rpt_jax.rl.sampling import Sampling, row_uniforms, sample_tokens
 
@@ -86,26 +87,35 @@ class SlotPrograms:
                      prompt_len_S=one, budget_S=one, row_S=one, live_S=one,
                      key_S2=o._sharding(("batch", None), (slots, 2)))
 
+  def _empty(self, slots: int, cache_len: int, key_shape: tuple[int, ...]) -> SlotState:
+    """S free slots of `cache_len` positions (traced by `init` and `abstract`)."""
+    zeros = jnp.zeros((slots,), jnp.int32)
+    return SlotState(cache=KVCache.init(self.o.config, slots, cache_len),
+                     token_S=zeros + self.o.pad_id, count_S=zeros + 1, prompt_len_S=zeros + 1,
+                     budget_S=zeros + 1, row_S=zeros, live_S=jnp.zeros((slots,), bool),
+                     key_S2=jnp.zeros((slots,) + key_shape, jnp.uint32))
+
   def init(self, slots: int, cache_len: int, key_shape: tuple[int, ...]) -> SlotState:
     """S empty slots (all free) of `cache_len` positions."""
-    o, cfg = self.o, self.o.config
+    o = self.o
     key = ("init", slots, cache_len, key_shape)
-    if key in o._fns:
-      return o._fns[key]()
-
-    def make():
-      zeros = jnp.zeros((slots,), jnp.int32)
-      return SlotState(cache=KVCache.init(cfg, slots, cache_len), token_S=zeros + o.pad_id,
-                       count_S=zeros + 1, prompt_len_S=zeros + 1, budget_S=zeros + 1,
-                       row_S=zeros, live_S=jnp.zeros((slots,), bool),
-                       key_S2=jnp.zeros((slots,) + key_shape, jnp.uint32))
-
-    # Explicit out_shardings even without a mesh: a zero-argument jit's outputs are otherwise
-    # uncommitted on its first call only, and the programs fed them would compile twice.
-    shardings = (self.state_shardings(slots, cache_len)
-                 or jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    o._fns[key] = jax.jit(make, out_shardings=shardings)
+    if key not in o._fns:
+      # Explicit out_shardings even without a mesh: a zero-argument jit's outputs are otherwise
+      # uncommitted on its first call only, and the programs fed them would compile twice.
+      shardings = (self.state_shardings(slots, cache_len)
+                   or jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+      o._fns[key] = jax.jit(lambda: self._empty(slots, cache_len, key_shape),
+                            out_shardings=shardings)
     return o._fns[key]()
+
+  def abstract(self, slots: int, cache_len: int, key_shape: tuple[int, ...]) -> SlotState:
+    """`init`'s result as ShapeDtypeStructs placed like it (for lowering; nothing allocated)."""
+    shapes = jax.eval_shape(lambda: self._empty(slots, cache_len, key_shape))
+    shardings = self.state_shardings(slots, cache_len)
+    if shardings is None:
+      return shapes
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        shapes, shardings)
 
   def _replicated(self):
     return None if self.o.mesh is None else NamedSharding(self.o.mesh, PartitionSpec())
@@ -160,12 +170,17 @@ class SlotPrograms:
     return fn
 
   def chunk(self, slots: int, cache_len: int, steps: int, method: Sampling,
-            eos: tuple[int, ...]):
+            eos: tuple[int, ...], prefix: int | None = None):
     """fn(params, state, min_free) -> (state, tokens [K, S], log-probs [K, S], steps run,
     count_S, live_S); state donated. Step k's entry of slot s is its token number
-    count_S(before) + k while the slot was live (pad / 0 after)."""
+    count_S(before) + k while the slot was live (pad / 0 after).
+
+    prefix: the decode steps' attention reads the cache's first `prefix` positions only
+    (default: all; `attention.limit_cache_reads`); the caller guarantees that no live slot
+    reaches it within the chunk."""
     o = self.o
-    key = ("chunk", slots, cache_len, steps, method, eos)
+    prefix = cache_len if prefix is None else int(prefix)
+    key = ("chunk", slots, cache_len, steps, method, eos, prefix)
     if key in o._fns:
       return o._fns[key]
     pad_id = o.pad_id
@@ -186,8 +201,9 @@ class SlotPrograms:
         k, st, tokens_KS, logprobs_KS = carry
         live_S = st.live_S
         positions_S1 = (st.prompt_len_S + st.count_S - 1)[:, None]
-        hidden, cache = model.hidden_states(st.token_S[:, None], positions_S1, None,
-                                            cache=st.cache)
+        with limit_cache_reads(prefix):
+          hidden, cache = model.hidden_states(st.token_S[:, None], positions_S1, None,
+                                              cache=st.cache)
         new_S, logp_S = sample_tokens(model.logits(hidden)[:, 0],
                                       row_uniforms(keys_S, st.count_S, st.row_S), method)
         new_S = jnp.where(live_S, new_S, pad_id)

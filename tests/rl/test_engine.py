@@ -88,14 +88,17 @@ def test_case_has_eos_stops_budget_stops_and_sampling(case):
   assert len({tuple(r) for r in np.asarray(want.tokens)}) > 8
 
 
-@pytest.mark.parametrize("slots,prefill_contexts,chunk_steps", [
-    (2, 1, 1), (4, 1, 3), (6, 2, 5), (5, 1, 16), (14, 3, 2), (32, 4, 4)])
-def test_engine_equals_static_sampler(slots, prefill_contexts, chunk_steps, model, case):
+@pytest.mark.parametrize("slots,prefill_contexts,chunk_steps,live_prefix", [
+    (2, 1, 1, True), (4, 1, 3, True), (4, 1, 3, False), (6, 2, 5, True), (5, 1, 16, True),
+    (14, 3, 2, True), (32, 4, 4, True)])
+def test_engine_equals_static_sampler(slots, prefill_contexts, chunk_steps, live_prefix, model,
+                                      case):
   """Slot counts from one context at a time to all at once (5: one slot never used), prefill
-  batches with dummy contexts, chunks of 1..16 steps: each gives another refill order."""
+  batches with dummy contexts, chunks of 1..16 steps: each gives another refill order; chunks
+  decoded on the cache prefix their rows reach, or on the whole cache."""
   tokens, lengths, kwargs, want = case
   engine = SlotEngine(model, decode_slots=slots, prefill_contexts=prefill_contexts,
-                      chunk_steps=chunk_steps)
+                      chunk_steps=chunk_steps, live_prefix=live_prefix)
   got = engine.generate(tokens, lengths, **kwargs)
   _assert_same(got, want)
   assert int(got.num_steps) == int(np.asarray(want.lengths).max())
@@ -124,18 +127,25 @@ def test_sharded_engine_equals_unsharded(hf_path, model, case):
   _assert_same(got, want)
 
 
-def test_one_compile_across_refills_data_and_weights(model):
+@pytest.mark.parametrize("live_prefix", [False, True])
+def test_one_compile_across_refills_data_and_weights(model, live_prefix):
   """Two calls of 7 contexts through 4 slots (G=2: at most 2 contexts in flight, so many
-  refills), new prompts, budgets and weights: each program traced and compiled once."""
-  engine = SlotEngine(model, decode_slots=4, chunk_steps=3)
+  refills), new prompts, budgets and weights, then the first call again: the admission is
+  traced once; the chunk once, or once per cache prefix used (at most LIVE_PREFIXES), and the
+  repeated call traces nothing."""
+  engine = SlotEngine(model, decode_slots=4, chunk_steps=3, live_prefix=live_prefix)
   kwargs = dict(num_samples=G, temperature=0.8, cache_tokens=13)
-  for seed in range(2):
+  for seed in (0, 1, 0):
     tokens, lengths = _prompts(seed=10 + seed)
     params = jax.tree.map(lambda x, s=seed: x * (1 + 0.05 * s), nnx.state(model))
     engine.generate(tokens, lengths, max_new_tokens=_budgets(len(lengths) * G, seed),
                     rng=jax.random.key(seed), params=params, **kwargs)
     assert engine.last_stats["admissions"] == len(lengths)
-  assert dict(engine.trace_counts) == {"admit": 1, "chunk": 1}
+    if seed == 1:
+      traced = dict(engine.trace_counts)
+  prefixes = {key[-1] for key in engine._fns if key[0] == "chunk"}  # pylint: disable=protected-access
+  assert dict(engine.trace_counts) == traced == {"admit": 1, "chunk": len(prefixes)}
+  assert len(prefixes) <= SlotEngine.LIVE_PREFIXES and (len(prefixes) > 1) == live_prefix
   for key, fn in engine._fns.items():  # pylint: disable=protected-access
     assert fn._cache_size() == 1, key  # pylint: disable=protected-access
 

@@ -7,7 +7,8 @@ Starts JAX with `--local_devices` simulated CPU devices, joins `--num_processes`
 `jax.distributed.initialize` (gloo CPU collectives) when more than one, builds the MICRO config
 below (configs/local.py, shrunk to seconds) and runs `rpt_jax.pipeline.Run` stages in order. Each
 process writes `--out` (JSON): its process index/count, the metrics rows of metrics.jsonl (process
-0 only writes that file) and the eval report. Not a test itself (pytest collects test_*.py only).
+0 only writes that file), the eval report, and the rollout sampler's class with its last schedule
+(`engine_stats`). Not a test itself (pytest collects test_*.py only).
 """
 
 from __future__ import annotations
@@ -194,6 +195,11 @@ def main() -> None:
       run.records_dir = records_dir
     elif stage == "train":
       run.train()
+      # Which rollout sampler ran, and its schedule of the last rollout (counts only).
+      sampler = run.trainer.sampler
+      result["sampler"] = type(sampler).__name__
+      result["engine_stats"] = {k: v for k, v in getattr(sampler, "last_stats", {}).items()
+                                if isinstance(v, int)}
     elif stage == "eval":
       result["eval"] = run.evaluate("driver")
     elif stage == "repretrain":  # A few more pretrain steps on the current policy (changes it).

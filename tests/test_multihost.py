@@ -1,7 +1,8 @@
 """Multi-host correctness on one machine: 2 JAX processes x 2 CPU devices vs 1 process x 4.
 
-SLOW: about 2.5 minutes on this 2-core machine while other work ran on it (most of it compiling
-in 4 child processes; `runs` prints each launch's wall time with -s). The same global batch
+SLOW: 9 minutes on this 2-core machine at load ~7 (other work running; 2.5 minutes when it was
+quieter), most of it compiling in 4 child processes; `runs` prints each launch's wall time with
+-s. The same global batch
 (8 contexts x G=2) runs through the real stages (`rpt_jax.pipeline.Run`, driven by
 tests/multihost_driver.py) on both layouts:
 

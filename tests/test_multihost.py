@@ -2,9 +2,8 @@
 
 SLOW: 9 minutes on this 2-core machine at load ~7 (other work running; 2.5 minutes when it was
 quieter), most of it compiling in 4 child processes; `runs` prints each launch's wall time with
--s. The same global batch
-(8 contexts x G=2) runs through the real stages (`rpt_jax.pipeline.Run`, driven by
-tests/multihost_driver.py) on both layouts:
+-s. The same global batch (8 contexts x G=2) runs through the real stages
+(`rpt_jax.pipeline.Run`, driven by tests/multihost_driver.py) on both layouts:
 
   one    1 process: tokenizer, pretrain, prepare (snapshot), RPT train 4 steps, over-sampling
          ("groups"), eval, then 4 pretrain steps from the pretrained checkpoint ("repretrain")

@@ -92,8 +92,8 @@ def _repretrain(run, config) -> list[dict]:
 def _over_sample(run) -> list[dict]:
   """Over-sampling on the trainer's engine, with the pretrained weights (the same bits on every
   layout): the first global train batch (this process's rows, per-row budgets) returns 3 of its
-  8 groups and carries the rest, then a second call on the same prompts finishes the carried
-  groups and 8 new ones. Returns per call: context ids, staleness, carried ids, and every
+  8 groups and carries those in flight, then a second call on the same prompts finishes the
+  carried groups and 8 new ones. Returns per call: context ids, staleness, carried ids, and every
   returned row's tokens and length (all rows, gathered)."""
   import jax
   import numpy as np

@@ -92,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.entropy_coef = 0.0
   c.rl.dynamic_sampling_from_step = 500  # drop all-equal groups and refill from this step on
   c.rl.dynamic_sampling_max_tries = 4
-  c.rl.rollout_micro_batch = 64  # contexts per sampler call (static sampler, several processes)
+  c.rl.rollout_micro_batch = 64  # contexts in flight: the default decode slots are this x G
   # Decode slots of the continuous-batching rollout engine (rpt_jax.rl.engine): rows that finish
   # are replaced by waiting ones. 0 = rollout_micro_batch x num_generations (the same KV cache).
   c.rl.decode_slots = 0

@@ -103,8 +103,8 @@ def lower_programs(spec: RunSpec, model_config: ModelConfig, mesh: Mesh,
   lp, n, g = sh["prompt_len"], sh["new_tokens"], sh["generations"]
   lowered = {}
   if {"sampler_prefill", "sampler_decode"} & set(programs):
-    sampler = train.make_rollout_sampler(abstract_model(model_config, mesh, rules), rpt.slots,
-                                         rpt.rollout_micro_contexts, mesh=mesh, rules=rules,
+    sampler = train.make_rollout_sampler(abstract_model(model_config, mesh, rules), rpt,
+                                         mesh=mesh, rules=rules,
                                          pad_id=model_config.pad_token_id or 0)
     both = sampler.lower(sh["rollout_contexts"], lp, num_samples=g, max_new_tokens=n,
                          temperature=rpt.temperature, top_k=rpt.top_k, top_p=rpt.top_p,

@@ -86,8 +86,7 @@ class Run:
     """The evaluation sampler (compiled once per run; takes the weights at each call): the
     rollout engine, as the RPT loop generates."""
     rpt = self.spec.rpt
-    return train_lib.make_rollout_sampler(self.model, rpt.slots, rpt.rollout_micro_contexts,
-                                          mesh=self.mesh, rules=self.rules,
+    return train_lib.make_rollout_sampler(self.model, rpt, mesh=self.mesh, rules=self.rules,
                                           pad_id=self.tokenizer.pad_id)
 
   def _pretrain_checkpointer(self) -> checkpoint_lib.Checkpointer:

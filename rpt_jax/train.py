@@ -2,7 +2,7 @@
 
 One step (PAPER.md, Section 3.3):
   data      next `PromptBatch` of this process's contexts from the Grain loader
-  rollout   the sampler prefills each context once and decodes G responses (rollout micro-batches)
+  rollout   the slot engine prefills each context once and decodes its G responses in free slots
   reward    each process decodes and scores only its own rows (prefix-matching reward on bytes);
             objectives that need model scores (dense, RLP's information gain, the KL reference's
             log-probs, RMT's context mask and length reward) get them from
@@ -54,7 +54,6 @@ from rpt_jax.rl import train_state
 from rpt_jax.rl.engine import SlotEngine
 from rpt_jax.rl.reward import RewardBatch
 from rpt_jax.rl.rollout_scores import RolloutScorer
-from rpt_jax.rl.sampler import Sampler
 
 
 class Timer:
@@ -76,15 +75,14 @@ class Timer:
     return _Span()
 
 
-def make_rollout_sampler(model: nnx.Module, slots: int, micro_batch: int, **kwargs) -> Sampler:
-  """The rollout sampler: the continuous-batching `SlotEngine` with `slots` decode slots (rows
-  never wait for the longest one), or on several processes the static `Sampler` (the engine
-  schedules on its host and reads every prompt there: one process only, for now). Both give
-  the same tokens for the same rows (tests/rl/test_engine.py). `micro_batch`: the static
-  sampler's contexts per sequential chunk (the engine's slots bound its batch instead)."""
-  if jax.process_count() > 1:
-    return Sampler(model, micro_batch=micro_batch, **kwargs)
-  return SlotEngine(model, decode_slots=slots, **kwargs)
+def make_rollout_sampler(model: nnx.Module, config: RPTConfig, **kwargs) -> SlotEngine:
+  """The rollout sampler on any process count: the continuous-batching `SlotEngine` with the
+  config's decode slots and prefill contexts (rows never wait for the longest one; kwargs: the
+  Sampler's mesh, rules, pad_id). It gives the static `Sampler`'s
+  tokens for the same rows (tests/rl/test_engine.py); on several processes every process runs
+  its scheduler in lockstep on the gathered prompts (tests/test_multihost.py)."""
+  return SlotEngine(model, decode_slots=config.slots, prefill_contexts=config.prefill_contexts,
+                    **kwargs)
 
 
 def process_batch_rows(mesh: Mesh, rules: mesh_lib.ShardingRules, global_batch: int
@@ -134,8 +132,8 @@ class RPTTrainer:
         temperature=config.temperature, micro_batch_contexts=config.train_micro_contexts,
         shared_prefix=config.shared_prefix, mesh=mesh, rules=self.rules,
         ema_decay=getattr(objective.settings, "ema_decay", None))
-    self.sampler = make_rollout_sampler(model, config.slots, config.rollout_micro_contexts,
-                                        mesh=mesh, rules=self.rules, pad_id=tokenizer.pad_id)
+    self.sampler = make_rollout_sampler(model, config, mesh=mesh, rules=self.rules,
+                                        pad_id=tokenizer.pad_id)
     self.root_key = jax.random.key(config.seed)
     self.checkpointer = checkpointer or checkpoint_lib.Checkpointer(
         workdir, save_interval_steps=max(config.checkpoint_every, 1),

@@ -7,7 +7,8 @@ Starts JAX with `--local_devices` simulated CPU devices, joins `--num_processes`
 `jax.distributed.initialize` (gloo CPU collectives) when more than one, builds the MICRO config
 below (configs/local.py, shrunk to seconds) and runs `rpt_jax.pipeline.Run` stages in order. Each
 process writes `--out` (JSON): its process index/count, the metrics rows of metrics.jsonl (process
-0 only writes that file) and the eval report. Not a test itself (pytest collects test_*.py only).
+0 only writes that file), the eval report, and the rollout sampler's class with its last schedule
+(`engine_stats`). Not a test itself (pytest collects test_*.py only).
 """
 
 from __future__ import annotations
@@ -88,6 +89,35 @@ def _repretrain(run, config) -> list[dict]:
   return rows
 
 
+def _over_sample(run) -> list[dict]:
+  """Over-sampling on the trainer's engine, with the pretrained weights (the same bits on every
+  layout): the first global train batch (this process's rows, per-row budgets) returns 3 of its
+  8 groups and carries those in flight, then a second call on the same prompts finishes the
+  carried groups and 8 new ones. Returns per call: context ids, staleness, carried ids, and every
+  returned row's tokens and length (all rows, gathered)."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  trainer, cfg = run.trainer, run.spec.rpt
+  batch = trainer._global_width(next(iter(run.train_loader())))  # pylint: disable=protected-access
+  prompts = [trainer._to_global(x) for x in (batch.prompt_tokens, batch.prompt_lengths)]  # noqa
+  rows = cfg.batch_contexts * cfg.num_generations
+  kwargs = dict(num_samples=cfg.num_generations, temperature=cfg.temperature,
+                eos_ids=tuple(run.tokenizer.stop_ids), cache_tokens=cfg.max_new_tokens,
+                max_new_tokens=np.random.RandomState(0).randint(1, cfg.max_new_tokens + 1, rows))
+  calls = [trainer.sampler.generate_groups(*prompts, groups_needed=3, carry_over=True,
+                                           rng=jax.random.key(3), **kwargs)]
+  calls.append(trainer.sampler.generate_groups(
+      *prompts, groups_needed=len(calls[0].carried) + cfg.batch_contexts, policy_version=1,
+      context_ids=cfg.batch_contexts + np.arange(cfg.batch_contexts), rng=jax.random.key(4),
+      **kwargs))
+  whole = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))  # noqa: E731
+  return [{"context_ids": c.context_ids.tolist(), "staleness": c.staleness.tolist(),
+           "carried": c.carried.tolist(), "tokens": whole(c.output.tokens).tolist(),
+           "lengths": whole(c.output.lengths).tolist()} for c in calls]
+
+
 def _train_across(run, config, workdir: str) -> list[dict]:
   """Points the run's trainer at `workdir`, restores its newest checkpoint (written by another
   process layout) and trains on to the end there; returns that workdir's metrics rows. Reusing
@@ -113,8 +143,8 @@ def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--workdir", required=True)
   p.add_argument("--stages", default="pretrain,prepare,train,eval",
-                 help="comma list of pretrain, prepare, reprepare, train, eval, across, "
-                 "repretrain")
+                 help="comma list of pretrain, prepare, reprepare, train, eval, groups, "
+                 "across, repretrain")
   p.add_argument("--num_processes", type=int, default=1)
   p.add_argument("--process_id", type=int, default=0)
   p.add_argument("--port", type=int, default=0)
@@ -194,8 +224,15 @@ def main() -> None:
       run.records_dir = records_dir
     elif stage == "train":
       run.train()
+      # Which rollout sampler ran, and its schedule of the last rollout (counts only).
+      sampler = run.trainer.sampler
+      result["sampler"] = type(sampler).__name__
+      result["engine_stats"] = {k: v for k, v in getattr(sampler, "last_stats", {}).items()
+                                if isinstance(v, int)}
     elif stage == "eval":
       result["eval"] = run.evaluate("driver")
+    elif stage == "groups":  # over-sampling with carried partial rollouts
+      result["groups"] = _over_sample(run)
     elif stage == "repretrain":  # A few more pretrain steps on the current policy (changes it).
       result["repretrain"] = _repretrain(run, config)
     elif stage == "across":  # The same trainer (compiled programs) resumed from --across's

@@ -83,21 +83,25 @@ def test_aot_compiles_every_program_for_a_described_v4_slice(aot_report):
 
 @needs_libtpu
 def test_aot_arguments_are_the_sharded_arrays(aot_report):
-  params = params_per_device_by_hand()
+  params, cache = params_per_device_by_hand(), kv_cache_per_device_by_hand()
   programs = aot_report["programs"]
-  # Prefill takes the weights + a [4, 64] token block split 2 ways; TPU pads small arrays to
-  # tiles, hence the tolerance.
-  np.testing.assert_allclose(programs["sampler_prefill"]["argument_bytes"], params, rtol=0.01)
+  # The engine's admission and decode chunk both take the weights and the slot state (the
+  # slot cache: MICRO x G slots of prompt + response positions) and donate the state, so it
+  # is argument and output at once, not a temporary. TPU pads small arrays to tiles, hence
+  # the tolerance.
+  for name in ("sampler_prefill", "sampler_decode"):
+    entry = programs[name]
+    # The donated state: the cache plus the slots' small [S] vectors, each padded to a tile.
+    assert cache <= entry["alias_bytes"] <= cache + 160 * 2**10, name
+    np.testing.assert_allclose(entry["argument_bytes"], params + entry["alias_bytes"],
+                               rtol=0.01, err_msg=name)
+    # While sampling, the optimiser state is resident beside the program.
+    assert entry["resident_other_bytes"] >= 2 * params, name
   # The train step takes the weights, Adam's mu and nu (each like the weights), and the batch;
   # it donates the state, so nearly all of its output aliases its input.
   train = programs["train_step"]
   np.testing.assert_allclose(train["argument_bytes"], 3 * params, rtol=0.02)
   assert train["alias_bytes"] >= 0.99 * 3 * params
-  # The decode loop's cache (G copies of each context, grown to prompt + response) is temporary.
-  decode = programs["sampler_decode"]
-  assert decode["temp_bytes"] >= kv_cache_per_device_by_hand()
-  # While sampling, the optimiser state is resident beside the program.
-  assert programs["sampler_decode"]["resident_other_bytes"] >= 2 * params
 
 
 def test_estimate_counts_by_hand():

@@ -1,24 +1,26 @@
 """Multi-host correctness on one machine: 2 JAX processes x 2 CPU devices vs 1 process x 4.
 
-SLOW: about 2.5 minutes on this 2-core machine while other work ran on it (most of it compiling
-in 4 child processes; `runs` prints each launch's wall time with -s). The same global batch
-(8 contexts x G=2) runs through the real stages (`rpt_jax.pipeline.Run`, driven by
-tests/multihost_driver.py) on both layouts:
+SLOW: 9 minutes on this 2-core machine at load ~7 (other work running; 2.5 minutes when it was
+quieter), most of it compiling in 4 child processes; `runs` prints each launch's wall time with
+-s. The same global batch (8 contexts x G=2) runs through the real stages
+(`rpt_jax.pipeline.Run`, driven by tests/multihost_driver.py) on both layouts:
 
-  one    1 process: tokenizer, pretrain, prepare (snapshot), RPT train 4 steps, eval, then 4
-         pretrain steps from the pretrained checkpoint ("repretrain")
+  one    1 process: tokenizer, pretrain, prepare (snapshot), RPT train 4 steps, over-sampling
+         ("groups"), eval, then 4 pretrain steps from the pretrained checkpoint ("repretrain")
   two    2 processes (gloo collectives) on the snapshot without its tokenizer: process 0 trains
          the tokenizer again, prepare finds the records (and prepares a second copy, the two
-         processes scoring 2 of its 4 shards each in one SPMD program), train, eval;
+         processes scoring 2 of its 4 shards each in one SPMD program), train, groups, eval;
          then the same trainer resumes `one`'s step-2 checkpoint (written by 1 process) in a
          copy of `one`'s workdir and trains to the end ("across"); "repretrain"
   back   1 process, resumed from `two`'s step-2 checkpoint (written by 2 processes)
   tensor 2 processes with mesh 1x1x4: the tensor axis crosses them, so both hold every batch
          row and feed the same rows; prepare again (one feed group), train, eval
 
-and the logged numbers must agree: rewards, dynamic-sampling counts and token counts exactly (they
-come from identical sampled tokens), losses/entropies/gradient norms to fp32 reduction order
-(`TOL`; observed differences are at most 3e-7 relative), the eval report exactly. Dynamic
+Rollouts (train, over-sampling and eval) come from the continuous-batching SlotEngine on every
+layout, each process scheduling in lockstep. The logged numbers must agree: rewards,
+dynamic-sampling counts, token counts and the engine's schedule exactly (they come from
+identical sampled tokens), losses/entropies/gradient norms to fp32 reduction order (`TOL`;
+observed differences are at most 3e-7 relative), the eval report exactly. Dynamic
 sampling is on from step 0 and the reward gives partial credit for the answer format, so groups
 are dropped, refilled from a second candidate batch and padded: the metrics are not trivially
 zero. The reference is the single-process run, not the code under test on the same layout.
@@ -206,13 +208,13 @@ def runs(tmp_path_factory):
   os.makedirs(logs)
   path = lambda name: os.path.join(tmp, name)  # noqa: E731
   out = {}
-  out["one"] = _Launch("one", path("one"), "pretrain,prepare,train,eval,repretrain", 1, logs, cache,
-                       (f"--snapshot=prepare:{path('prepared')}",)).results()
+  out["one"] = _Launch("one", path("one"), "pretrain,prepare,train,groups,eval,repretrain", 1, logs,
+                       cache, (f"--snapshot=prepare:{path('prepared')}",)).results()
   last_ckpt = os.path.join("checkpoints", str(STEPS))
   # One launch at a time: 4 JAX processes compiling at once on 2 cores starve each other.
   across = _copy(path("one"), path("across"), drop=(last_ckpt,))
   out["two"] = _Launch("two", _copy(path("prepared"), path("two"), drop=("tokenizer",)),
-                       "prepare,reprepare,train,eval,across,repretrain", 2, logs, cache,
+                       "prepare,reprepare,train,groups,eval,across,repretrain", 2, logs, cache,
                        (f"--across={across}",)).results()
   out["back"] = _Launch("back", _copy(path("two"), path("back"), drop=(last_ckpt,)),
                         "train,eval", 1, logs, cache).results()
@@ -271,6 +273,30 @@ def test_each_process_reads_its_own_block_of_the_global_batch(runs):
   assert [r["batch_rows"] for r in runs["two"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
   assert [r["process_count"] for r in runs["two"]] == [2, 2]
   assert [r["devices"] for r in runs["two"]] == [4, 4]
+
+
+def test_every_layout_rolls_out_with_the_slot_engine(runs):
+  """The rollouts above came from the continuous-batching engine on every layout, and every
+  process took the single process's scheduling decisions (admissions, chunks, decode steps)."""
+  one = runs["one"][0]
+  assert one["engine_stats"]["admissions"] == 8 and one["engine_stats"]["chunks"] > 1
+  for name in ("two", "back", "tensor"):
+    for result in runs[name]:
+      assert result["sampler"] == "SlotEngine", name
+      assert result["engine_stats"] == one["engine_stats"], name
+
+
+def test_two_processes_over_sample_like_one(runs):
+  """generate_groups: 3 of 8 groups, the rest carried into a second call that finishes them
+  (one policy version stale) and 8 new groups; the same groups, order and tokens on 2 processes
+  as on 1 (the engine's rows equal the static sampler's: tests/rl/test_engine.py)."""
+  want = runs["one"][0]["groups"]
+  first, second = want
+  assert len(first["context_ids"]) == 3 and first["carried"]
+  assert sorted(second["context_ids"]) == sorted(first["carried"] + list(range(8, 16)))
+  assert second["staleness"] == [int(i < 8) for i in second["context_ids"]]
+  for result in runs["two"]:
+    assert result["groups"] == want
 
 
 def test_two_processes_log_the_single_process_numbers(runs):

@@ -28,6 +28,14 @@ rollouts that the next call keeps decoding, with that call's weights: each retur
 reports its staleness (policy versions between its admission and its return) and keeps the
 log-probs of the weights that sampled each token (the behaviour policy of the PPO ratio).
 
+Several processes (multi-host): every process runs this scheduler in lockstep and must take
+the same decisions, so it reads only values that every process holds whole: the prompts and
+their lengths (a global array spanning processes is all-gathered once per call), the budgets,
+and the chunk program's outputs (tokens [K, S], count_S, live_S: replicated). Host inputs of
+the programs are global arrays built from each process's own slices of those whole values
+(`_feed`: no collective), and so are the returned rows (batch-sharded). On one process none of
+this adds work.
+
 Memory: the slot cache (S rows of L + max budget positions, see the Sampler's docstring) lives
 only during a call unless partial rollouts are carried.
 """
@@ -81,6 +89,15 @@ class _Group:
   lengths_G: np.ndarray
   eos_G: np.ndarray
   left: int               # rows still decoding
+
+
+def _whole(x, dtype) -> np.ndarray:
+  """The whole value of `x` on this process (numpy): a global array spanning several processes
+  is all-gathered (a collective every process enters at the same point)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x, dtype)
 
 
 class SlotEngine(Sampler):
@@ -193,7 +210,8 @@ class SlotEngine(Sampler):
   def _run(self, prompt_tokens, prompt_lengths, num_samples, max_new_tokens, method, eos_ids,
            rng, params, *, groups_needed, carry_over, version, context_ids, cache_tokens):
     """The scheduler loop: (finished groups, unstarted ids, dropped ids, carried ids)."""
-    b, l = self._check(prompt_tokens, prompt_lengths, num_samples, None)
+    tokens_BL, lengths_B = _whole(prompt_tokens, np.int32), _whole(prompt_lengths, np.int32)
+    b, l = self._check(tokens_BL, lengths_B, num_samples, None)
     g = int(num_samples)
     budgets_R, n = self.row_budgets(max_new_tokens, b * g, l, cache_tokens)
     carried = self._carried_groups()
@@ -209,8 +227,6 @@ class SlotEngine(Sampler):
                        "fills G slots).")
     eos = tuple(sorted({int(e) for e in eos_ids}))
     ids = np.arange(b) if context_ids is None else np.asarray(context_ids)
-    tokens_BL = np.asarray(prompt_tokens, np.int32)
-    lengths_B = np.asarray(prompt_lengths, np.int32)
     new = [_Group(int(ids[i]), tokens_BL[i], int(lengths_B[i]), version,
                   np.full((g, n), self.pad_id, np.int32), np.zeros((g, n), np.float32),
                   np.zeros(g, np.int32), np.zeros(g, bool), g) for i in range(b)]
@@ -304,8 +320,9 @@ class SlotEngine(Sampler):
       budget_R[j * g:(j + 1) * g] = budgets_R[i * g:(i + 1) * g]
       self._slot_count[slot_R[j * g:(j + 1) * g]] = 1
       self._slot_end[slot_R[j * g:(j + 1) * g]] = lengths_B[i] + budgets_R[i * g:(i + 1) * g]
-    self._state, first, logp = admit(params, self._state, tok_PL, len_P, slot_R, row_R,
-                                     budget_R, rng)
+    row = lambda x: self._feed(x, ("batch",))  # noqa: E731
+    self._state, first, logp = admit(params, self._state, self._feed(tok_PL, ("batch", "length")),
+                                     row(len_P), row(slot_R), row(row_R), row(budget_R), rng)
     return first, logp
 
   def _collect(self, tokens_KS, logprobs_KS, count_S, live_S, eos_set, stats) -> list[_Group]:
@@ -335,12 +352,22 @@ class SlotEngine(Sampler):
     stats["slot_utilization"] = stats["tokens"] / max(1, self.slots * steps)
     self.last_stats = stats
 
+  def _feed(self, x: np.ndarray, axes) -> np.ndarray | jax.Array:
+    """`x` (numpy, whole on every process) for a program input sharded by `axes`: itself when
+    this process addresses every device (jit places it); else the global array of this
+    process's slices (jit refuses numpy there, and `jax.device_put` would all-gather `x` first
+    to check that every process holds the same)."""
+    sharding = self._sharding(axes, x.shape)
+    if sharding is None or sharding.is_fully_addressable:
+      return x
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
   def _package(self, groups, version) -> GroupRollouts:
     """The groups' rows as a (batch-sharded) SampleOutput with their contexts."""
     cat = lambda name: np.concatenate([getattr(grp, name) for grp in groups])  # noqa: E731
     lengths = cat("lengths_G")
     put = lambda x, axes: jax.device_put(  # noqa: E731
-        x, None if self.mesh is None else self._sharding(axes, x.shape))
+        self._feed(x, axes), self._sharding(axes, x.shape))
     output = SampleOutput(tokens=put(cat("tokens_GN"), ("batch", None)),
                           logprobs=put(cat("logprobs_GN"), ("batch", None)),
                           lengths=put(lengths, ("batch",)), done=put(cat("eos_G"), ("batch",)),

@@ -8,6 +8,9 @@ that fill and advance them (`rpt_jax.rl.engine` schedules them from the host).
          token at its own position, sample its next token, retire it on EOS or at its budget.
          The loop also exits as soon as `min_free` slots are free, so the host can refill them.
 
+The host reads only replicated outputs (chunk tokens [K, S], count_S, live_S; admit's first
+tokens): on several processes every process reads the same values and schedules alike.
+
 Both take the SlotState donated: the cache [S, KVH, C, Dh] per layer is updated in place (C =
 L + the largest budget). A slot's cache entries past its prompt are stale from an earlier
 occupant until the slot's own decode steps overwrite them; a query at position p only reads

@@ -200,8 +200,8 @@ def test_cudnn_refuses_float32_with_the_fix():
 @pytest.mark.parametrize("queries", [1, 5])
 def test_attention_traced_for_another_platform(queries):
   """compile_check traces programs for a TPU on this CPU: `auto` must then trace the TPU's
-  formulation (the splash kernel; a decode step the live-length loop on both), not XLA:CPU's
-  dense scores."""
+  formulation (the splash kernel; a decode step the live-length loop), not XLA:CPU's dense
+  scores (a CPU decode step over at most two key blocks is one dense pass too)."""
   q, k, v, _, _ = _case("decode", 2)
   q = jnp.repeat(q, queries, axis=1)
   mask = attention.Mask.cache(jnp.asarray([[3], [20], [9]]) + jnp.arange(queries), 45)
@@ -214,5 +214,5 @@ def test_attention_traced_for_another_platform(queries):
     assert attention.trace_platform() == "tpu"
     there = primitives()
   assert attention.trace_platform() == "cpu"
-  assert "pallas_call" not in here and ("while" in here) == (queries == 1)
+  assert "pallas_call" not in here and "while" not in here
   assert ("while" if queries == 1 else "pallas_call") in there

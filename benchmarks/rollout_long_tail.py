@@ -11,14 +11,16 @@ no EOS; row budgets (max new tokens) drawn from a log-normal with sigma 1 and me
   engine       `SlotEngine.generate` with --slots decode slots.
   fixed-length the engine on the same prompts with every budget 64 (cache 128 + 64), and the
                same with the long-tail run's cache (128 + 512): the gap between the two is
-               the cost of attending over the whole cache, which the decode attention of
-               rpt_jax.model removes once it follows each row's live length.
+               what attending over the larger cache still costs (on CPU the engine decodes
+               each chunk on the cache prefix its live rows reach; see SlotEngine).
   HF CB        transformers' continuous batching manager (paged attention, PyTorch CPU), one
                request per row with its own max_new_tokens, on the first --hf-contexts contexts
                (it runs ~100x slower than ours on this CPU; tok/s is the comparable figure).
 
-Figures: generated tokens/s (compile excluded: each program is compiled first on a workload of
-the same shapes whose rows stop at once); decode steps (forward passes of the decode loops);
+Figures: generated tokens/s (compile excluded: the static sampler's programs are compiled first
+on a workload of the same shapes whose rows stop at once; the engine's, one decode chunk per
+cache prefix, by running the same call once before the timed one); decode steps (forward
+passes of the decode loops);
 slot utilization = tokens produced by decode steps / (slots x decode steps), slots being the
 micro-batch rows for the static sampler (the first token of each row comes from the prefill).
 The LAST line is:
@@ -27,14 +29,14 @@ The LAST line is:
   python benchmarks/rollout_long_tail.py                 # full size (~30 min on 2 loaded cores)
   python benchmarks/rollout_long_tail.py --smoke         # tiny shapes, seconds (the test)
 
-Measured (full size, 2-core VM at load average ~15 from other jobs; jax 0.10.2, transformers
-5.24, fp32; 125,302 tokens, max budget 512):
-  static micro-batch 2: 258 tok/s (29,984 decode steps, utilization 25.7%); micro-batch 4:
-  180 tok/s (20.1%); engine, 128 slots: 766 tok/s, 1,014 steps, utilization 95.0% (host
-  scheduling 1.5% of the run); fixed-length 64: 1,879 tok/s (1,008 steps: a step over a 192-
-  instead of a 640-position cache costs 69 instead of 161 ms); HF continuous batching (4
-  contexts): 7 tok/s, ours 118x.
-  long-tail: engine 766 tok/s, static 258 tok/s, 2.97x; utilization 95.0%; fixed-length 1879 tok/s
+Measured (full size, 2-core VM, other jobs paused; jax 0.10.2, transformers 5.24, fp32;
+125,302 tokens, max budget 512):
+  static micro-batch 1: 658 tok/s (45,227 decode steps, utilization 34.1%); micro-batch 2: 398;
+  micro-batch 4: 309 (an earlier full run; micro-batch 1 is the best static one);
+  engine, 128 slots: 3,578 tok/s, 1,014 steps, utilization 95.0% (host scheduling 2.3% of the
+  run); fixed-length 64: 5,491 tok/s (engine / fixed-length 65%; with the long-tail run's
+  cache 82%); HF continuous batching (4 contexts): 18 tok/s.
+  long-tail: engine 3578 tok/s, static 658 tok/s, 5.44x; utilization 95.0%; fixed-length 5491 tok/s
 """
 
 from __future__ import annotations

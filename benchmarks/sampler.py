@@ -12,7 +12,8 @@ Rows printed:
   HF generate       transformers, PyTorch CPU, KV cache, do_sample=True, T=0.8, top_k=0
 plus the decode step against this machine's roofline: max(FLOPs / peak fp32 matmul FLOP/s,
 bytes / memory bandwidth), both measured here, with FLOPs and bytes (weights + KV cache read)
-at the mean context length L + N/2.
+at the mean context length L + N/2, for the static sampler's decode loop and for the slot
+engine's decode chunk (all B*G slots filled by one admission, N - 1 steps).
 
   python benchmarks/sampler.py                 # both configs, all peers (4-10 min, 2 cores)
   python benchmarks/sampler.py --config a --skip-hf
@@ -22,6 +23,11 @@ Measured (2-core AMD EPYC VM shared with other jobs, load 5-7; jax 0.10.2, torch
       prefill 0.40 s vs per-row 3.03 s (7.7x); decode step 22.6 ms, 13-31% of roofline.
   (b) ours 837 tok/s, per-row 354, no-cache 9, HF 50 (16.9x); prefill 1.5 s vs 14.6 s (9.5x);
       decode step 131 ms, 24% of roofline.
+Quiet machine (other jobs paused), (a) with --skip-hf: ours 4,832 tok/s, shared prefill 7.5x
+cheaper; static decode step 23.0 ms, 35% of roofline; engine decode step 19.2 ms, 39% (8.1 /
+7.5 ms roofline, compute-bound). The same loop with a 16-position cache runs 12.7 ms a step
+(the matmuls at ~60% of the measured peak); over 320 positions 21.6 ms: the dense attention
+reads the KV cache at ~9 GB/s of the ~25 GB/s measured.
 Most of a CPU decode step beyond the matmuls is the model's attention over the [B, S, KVH, Dh]
 cache (XLA:CPU copies it to [B, KVH, S, Dh] for its batched dot every step); see the sampler
 module docstring.

@@ -37,8 +37,8 @@ figures; tests check them against an eval_shape count:
   grads           the same layout, x2 while accumulating (running sum + micro-batch's) = 2 x 0.86
   optimizer       Adam mu + nu, P x 8 B / 64                                    = 1.72 GiB
   compute_params  the bf16 copy the sampler casts once per call, P x 2 B / 64    = 0.43 GiB
-  kv_cache        decode, one rollout micro-batch of 32 contexts x G=8 = 256 rows over the
-                  16-way batch split = 16 rows per chip, (5,120 + 8,192) slots, 8 KV heads / 4
+  kv_cache        the rollout engine's 256 decode slots (rollout_micro_batch 32 x G=8) over
+                  the 16-way batch split = 16 rows per chip, (5,120 + 8,192) slots, 8 KV heads / 4
                   tensor, head_dim 128, k and v, 48 layers, bf16:
                   16 x 13,312 x 2 x 128 x 2 x 2 B x 48                          = 9.75 GiB
   train state during the whole step: params + Adam + 2 grads = 4.31 GiB.
@@ -51,15 +51,17 @@ attention held one layer's, 10 heads x 8,191 x 13,311 x 4 B = 4.1 GiB (fp32; x ~
 probabilities and gradients) when recomputed. More contexts per micro-step multiply the
 residuals: 16 contexts (1 per batch shard) need ~65 GiB of temporaries with dense scores.
 Decode steps read each row's live cache blocks (rpt_jax.model.attention.chunked).
-Compiled for v4:4x4x4 (libtpu 0.0.42.1, `python -m rpt_jax.compile_check
---config=configs/tpu_v4.py`, traced as the TPU runs it) BEFORE the kernels, per chip incl. the
-resident Adam state while sampling: train_step 23.5 GiB, sampler_prefill 5.7 GiB,
-sampler_decode 21.0 GiB (of a 28.8 GiB budget). Decode = 1.3 GiB arguments + 1.7 GiB Adam +
-18.0 GiB temporaries: the 9.75 GiB cache, ~4.4 GiB of bf16 weight shards all-gathered over fsdp
-that XLA keeps across decode steps (loop-invariant gathers leave the while loop), the prefill
-cache and the step's activations. Expected with splash: train_step lower by up to the ~12 GiB of
-scores, probabilities and gradients; prefill lower by its [5,120, 5,120] scores; decode about
-the same (the cache dominates). These figures are to be refreshed with compile_check.
+Compiled for v4:4x4x4 (libtpu 0.0.42.1, one program per command: `TPU_SKIP_MDS_QUERY=1 python
+-m rpt_jax.compile_check --config=configs/tpu_v4.py --programs=train_step`, traced as the TPU
+runs it, splash attention), per chip incl. the resident Adam state while sampling (budget 28.8):
+  train_step       15.16 GiB (23.5 with dense attention: the [8,191, 13,311] scores, their
+                   probabilities and gradients are gone)
+  sampler_prefill  13.46 GiB: the engine's admission of 16 contexts (one per batch shard) into
+                   the slot cache: 10.6 GiB arguments (the donated 9.75 GiB cache + weights),
+                   1.1 GiB temporaries, 1.7 GiB Adam
+  sampler_decode   23.20 GiB: a decode chunk over the 256 slots: the same arguments, 10.9 GiB
+                   temporaries (mostly the bf16 weight shards all-gathered over fsdp, kept
+                   across the loop's steps, and the step's activations), 1.7 GiB Adam.
 Host layout: each tensor group spans hosts, so several processes hold each batch shard (the
 report's `hosts_per_batch_shard`); they read the same rows of every global batch
 (`rpt_jax.train.process_batch_rows`), as tests/test_multihost.py checks on 2 CPU processes.
@@ -104,7 +106,9 @@ def get_config():
   c.model.attention = "splash"  # the Pallas TPU kernel; 'auto' picks it on a TPU too
   c.data.score_batch_size = 64  # a multiple of the 16-way batch split
 
-  c.rl.rollout_micro_batch = 32
+  c.rl.rollout_micro_batch = 32  # 256 decode slots
+  # One context per batch shard per admission: a lone context's prefill would run on all 16.
+  c.rl.prefill_contexts = 16
   c.rl.train_micro_batch = 2
 
   c.compile_check = dict(

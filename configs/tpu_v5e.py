@@ -66,7 +66,9 @@ def get_config():
   c.data.score_batch_size = 64  # a multiple of the 32-way batch split
 
   c.model.attention = "splash"  # the Pallas TPU kernel; 'auto' picks it on a TPU too
-  c.rl.rollout_micro_batch = 64
+  c.rl.rollout_micro_batch = 64  # 512 decode slots
+  # One context per batch shard per admission: a lone context's prefill would run on all 32.
+  c.rl.prefill_contexts = 32
   c.rl.train_micro_batch = 4
 
   c.compile_check = dict(

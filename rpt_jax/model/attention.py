@@ -281,9 +281,9 @@ def _ragged_forward(block, q_BKGLH, k_BKSH, v_BKSH, qpos_BL, kpos_BS, kvalid_BS,
   blocks, then row 1's, ...) is computed at step i // B, and each step's partial softmaxes are
   merged into their rows' running (max, sum, output).
 
-  Each pair's keys are one contiguous slice of its row (a gather of whole blocks), and the
-  merge is a [B, I] one-hot product rather than a scatter (segment sums): both run several
-  times faster on XLA:CPU than element-wise gathers and scatters."""
+  Each pair's keys are one contiguous slice of its row (a gather of whole blocks, not of single
+  keys), and the merge is a [B, I] one-hot product (a matmul: no scatter, which serialises on
+  CPU and TPU alike)."""
   f32 = jnp.float32
   b, kvh, s, h = k_BKSH.shape
   blocks_B = (live_B + block - 1) // block

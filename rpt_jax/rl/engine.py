@@ -13,13 +13,19 @@
 
 Where the scheduling runs: on the host, between decode chunks. Measured with
 benchmarks/rollout_long_tail.py (model (a) of benchmarks/sampler.py, 2,048 rows with
-long-tail budgets, 128 slots, cache 640; 2-core CPU at load ~15): 242 host visits took 2.36 s
-of the 159 s run (1.5%; 9.7 ms per visit: read the [K, S] tokens, retire rows, dispatch admit
-+ chunk) against a 155 ms decode step. Scheduling on device (prefill and insert inside the
-decode loop, a `lax.cond` over a second program shape every step) could win back at most
-those 1.5%, so the host does it. The early exit on `min_free` keeps host visits to when a
-refill is possible: a freed slot idles only until G slots are free (utilization 94-95% in a
-simulation of this workload for 64-256 slots, longest-budget-first; 56-86% first-come).
+long-tail budgets, 128 slots, cache 640; quiet 2-core CPU): 242 host visits took 0.82 s of the
+35 s run (2.3%; 3.4 ms per visit: read the [K, S] tokens, retire rows, dispatch admit + chunk)
+against a 34 ms decode step. Scheduling on device (prefill and insert inside the decode loop,
+a `lax.cond` over a second program shape every step) could win back at most those 2.3%, so
+the host does it. The early exit on `min_free` keeps host visits to when a refill is possible:
+a freed slot idles only until G slots are free (utilization 95% on that workload; 94-95% in a
+simulation for 64-256 slots, longest-budget-first; 56-86% first-come).
+
+Live prefix (CPU): each chunk's attention reads only the cache prefix its live rows can reach
+in K steps (`attention.limit_cache_reads`, one compile per prefix length, at most
+LIVE_PREFIXES). With every budget 64 in that 640-position cache: 29.9 ms per step instead of
+34.4; on the long-tail workload itself no gain (34.5 vs 33.6 ms: a long row keeps the prefix
+near the cap, and the per-row ragged schedule costs more than it saves on XLA:CPU).
 
 Over-sampling with abort (`generate_groups`, off unless called): admit more contexts than the
 step needs and stop as soon as `groups_needed` whole groups are done. Rows still decoding are

@@ -15,10 +15,12 @@ boxes answers; a tiny offline model has to be taught that). Rows of a batch, one
              Skipped (counted in `PretrainBatches.skipped`): answers that do not round-trip
              through `extract_prediction` (unbalanced braces, `</think>`), empty or newline-only
              answers, answers splitting a UTF-8 character, examples longer than seq_len.
-  skill      a worked problem (`rpt_jax.data.skills`): the chat template around the problem as
-             the user turn (NOT the next-token-reasoning template), then
-             `format_response(work, result)` + EOS; loss ONLY on the response. This is the
-             reasoning the policy can do before RPT; RPT has to learn to use it on documents.
+  skill      worked problems (`rpt_jax.data.skills`), as many as fit, one after another (a
+             multi-turn chat): each the chat template around the problem as the user turn (NOT
+             the next-token-reasoning template), then `format_response(work, result)` + EOS;
+             loss ONLY on the responses. Operands grow from 1 digit to the corpus's
+             `max_digits` over the run (a curriculum). This is the reasoning the policy can do
+             before RPT; RPT has to learn to use it on documents.
 
 The documents are the TRAINING documents only: `train_documents` drops the held-out ones (the
 same seeded split `rpt_jax.data.prepare` uses), so no evaluated text is ever trained on.
@@ -26,11 +28,12 @@ same seeded split `rpt_jax.data.prepare` uses), so no evaluated text is ever tra
 Every row starts at position 0, as prompts do at sampling time. Batch s is a pure function of
 (documents, tokenizer, config, s): round((s+1) B f) - round(s B f) reasoning rows (exact long-run
 share f; skill rows likewise with their share), drawn with a generator seeded by (seed, s); plain
-chunks in order of per-epoch seeded permutations; skill example i of the stream seeded by `seed`
-for the i-th skill row overall. The train step is one jitted pure function of (params, opt_state, batch), state
-donated; with a mesh, params/moments keep the `state_shardings` layout and the batch is split
-over the 'batch' rule. Loss: masked mean NLL from `token_logprobs_and_entropy` on the final hidden
-states (chunked, vocab-parallel: no [B, L, V] logits). AdamW (decay on matrices only), linear
+chunks in order of per-epoch seeded permutations; the i-th skill row overall holds examples
+i * 64, i * 64 + 1, ... of the stream seeded by `seed`. The train step is one jitted pure
+function of (params, opt_state, batch), state donated; with a mesh, params/moments keep the
+`state_shardings` layout and the batch is split over the 'batch' rule. Loss: masked mean NLL
+from `token_logprobs_and_entropy` on the final hidden states (chunked, vocab-parallel: no
+[B, L, V] logits). AdamW (decay on matrices only), linear
 warmup then cosine decay, global-norm clipping.
 """
 

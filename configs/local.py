@@ -3,8 +3,8 @@
 Built-in synthetic maths corpus -> SentencePiece trained on it -> a ~1M-parameter Qwen2-style
 policy pretrained on the training documents plus worked skill problems (rpt_jax.data.skills: sums
 digit by digit with carries, sequence rules, equations, each answered in `</think> \\boxed{}`
-form; never in the next-token-reasoning template) -> positions filtered by that policy's top-16
-entropy -> evaluation -> RPT (GRPO, G=8) -> evaluation. Run:
+form; never in the next-token-reasoning template; operands of at most 3 digits) -> positions
+filtered by that policy's top-16 entropy -> evaluation -> RPT (GRPO, G=8) -> evaluation. Run:
 
     python -m rpt_jax.main --config=configs/local.py --workdir=/tmp/rpt_local
 
@@ -47,10 +47,11 @@ def get_config():
   c.data.score_batch_size = 32
   c.data.prompt_buckets = (128, 192)
 
-  # Half the rows are the corpus; the rest are worked skill problems (rpt_jax.data.skills) as
-  # chat turns: the policy can reason (and box answers) before RPT, but has never seen the
-  # next-token-reasoning template.
-  c.pretrain.update(steps=600, batch_size=16, seq_len=192, learning_rate=3e-3, warmup_steps=30,
+  # Half the rows are the corpus; the rest are worked skill problems (rpt_jax.data.skills), as
+  # many chat turns as fit a row, operands growing from 1 to 3 digits over the run: the policy
+  # can reason (and box answers) before RPT, but has never seen the next-token-reasoning
+  # template.
+  c.pretrain.update(steps=900, batch_size=16, seq_len=192, learning_rate=3e-3, warmup_steps=30,
                     reasoning_example_fraction=0.0, skill_example_fraction=0.5,
                     max_context_tokens=48, log_every=50)
 

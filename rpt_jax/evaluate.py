@@ -383,7 +383,8 @@ def summarize(m: Measured, thresholds: Sequence[float],
 def breakdown(m: Measured, kind_of: Callable[[PositionRecord], str], thresholds: Sequence[float],
               splits: Sequence[str] = ("hard", "all")) -> dict[str, dict[str, dict[str, Any]]]:
   """{split: {kind: metrics}}: the report's metrics per kind of position (`kind_of(record)`),
-  kinds in order of first appearance, for the named difficulty splits."""
+  kinds sorted by name (the order their JSON file, written with sorted keys, reads back in), for
+  the named difficulty splits."""
   kinds = np.array([kind_of(p) for p in m.positions], dtype=object)
   buckets = np.array([p.bucket for p in m.positions])
   out = {}
@@ -392,7 +393,7 @@ def breakdown(m: Measured, kind_of: Callable[[PositionRecord], str], thresholds:
       continue
     in_split = buckets >= min_bucket
     out[name] = {kind: _metrics(m, in_split & (kinds == kind), ())
-                 for kind in dict.fromkeys(kinds[in_split].tolist())}
+                 for kind in sorted(set(kinds[in_split].tolist()))}
   return out
 
 

@@ -244,17 +244,20 @@ class Run:
     from rpt_jax import study  # pylint: disable=g-import-not-at-top
     return study.run_study(self, self.spec.study)
 
-  def filter_run(self, filter_name: str, workdir: str, records_dir: str | None = None) -> "Run":
+  def filter_run(self, filter_name: str, workdir: str, records_dir: str | None = None,
+                 **prepare_overrides) -> "Run":
     """This run's policy and budget with position filter `filter_name`, in `workdir`: its
     tokenizer and pretrained policy are this run's (linked), its records `records_dir` or its
-    own, its RL checkpoints, metrics and evaluations its own."""
+    own (prepared with `prepare_overrides` of PrepareConfig fields), its RL checkpoints, metrics
+    and evaluations its own."""
     os.makedirs(workdir, exist_ok=True)
     for name in ("tokenizer", "pretrain"):
       link = os.path.join(workdir, name)
       if not os.path.lexists(link):
         os.symlink(os.path.abspath(os.path.join(self.files, name)), link)
     spec = dataclasses.replace(
-        self.spec, prepare=dataclasses.replace(self.spec.prepare, filter=filter_name),
+        self.spec, prepare=dataclasses.replace(self.spec.prepare, filter=filter_name,
+                                               **prepare_overrides),
         records_dir=records_dir or "")
     return Run(spec, workdir, progress=self.progress)
 

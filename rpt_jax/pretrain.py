@@ -15,10 +15,12 @@ boxes answers; a tiny offline model has to be taught that). Rows of a batch, one
              Skipped (counted in `PretrainBatches.skipped`): answers that do not round-trip
              through `extract_prediction` (unbalanced braces, `</think>`), empty or newline-only
              answers, answers splitting a UTF-8 character, examples longer than seq_len.
-  skill      a worked problem (`rpt_jax.data.skills`): the chat template around the problem as
-             the user turn (NOT the next-token-reasoning template), then
-             `format_response(work, result)` + EOS; loss ONLY on the response. This is the
-             reasoning the policy can do before RPT; RPT has to learn to use it on documents.
+  skill      worked problems (`rpt_jax.data.skills`), as many as fit, one after another (a
+             multi-turn chat): each the chat template around the problem as the user turn (NOT
+             the next-token-reasoning template), then `format_response(work, result)` + EOS;
+             loss ONLY on the responses. Operands grow from 1 digit to the corpus's
+             `max_digits` over the run (a curriculum). This is the reasoning the policy can do
+             before RPT; RPT has to learn to use it on documents.
 
 The documents are the TRAINING documents only: `train_documents` drops the held-out ones (the
 same seeded split `rpt_jax.data.prepare` uses), so no evaluated text is ever trained on.
@@ -26,11 +28,12 @@ same seeded split `rpt_jax.data.prepare` uses), so no evaluated text is ever tra
 Every row starts at position 0, as prompts do at sampling time. Batch s is a pure function of
 (documents, tokenizer, config, s): round((s+1) B f) - round(s B f) reasoning rows (exact long-run
 share f; skill rows likewise with their share), drawn with a generator seeded by (seed, s); plain
-chunks in order of per-epoch seeded permutations; skill example i of the stream seeded by `seed`
-for the i-th skill row overall. The train step is one jitted pure function of (params, opt_state, batch), state
-donated; with a mesh, params/moments keep the `state_shardings` layout and the batch is split
-over the 'batch' rule. Loss: masked mean NLL from `token_logprobs_and_entropy` on the final hidden
-states (chunked, vocab-parallel: no [B, L, V] logits). AdamW (decay on matrices only), linear
+chunks in order of per-epoch seeded permutations; the i-th skill row overall holds examples
+i * 64, i * 64 + 1, ... of the stream seeded by `seed`. The train step is one jitted pure
+function of (params, opt_state, batch), state donated; with a mesh, params/moments keep the
+`state_shardings` layout and the batch is split over the 'batch' rule. Loss: masked mean NLL
+from `token_logprobs_and_entropy` on the final hidden states (chunked, vocab-parallel: no
+[B, L, V] logits). AdamW (decay on matrices only), linear
 warmup then cosine decay, global-norm clipping.
 """
 
@@ -53,6 +56,7 @@ from rpt_jax import mesh as mesh_lib
 from rpt_jax import tokenizer as tokenizer_lib
 from rpt_jax.data import records as records_lib
 from rpt_jax.data import skills as skills_lib
+from rpt_jax.data import synthetic
 from rpt_jax.rl import loss as loss_lib
 from rpt_jax.rl import optim
 from rpt_jax.rl import prompts
@@ -75,8 +79,8 @@ class PretrainConfig:
     b1, b2: Adam betas.
     grad_clip_norm: global-norm clip (0: off).
     reasoning_example_fraction: share of rows that are formatted reasoning examples, in [0, 1].
-    skill_example_fraction: share of rows that are worked skill examples; the two shares sum to
-      <= 1 (the rest are plain rows).
+    skill_example_fraction: share of rows that are worked skill examples (each row as many
+      examples as fit, a multi-turn chat); the two shares sum to <= 1 (the rest are plain rows).
     thought: the fixed chain-of-thought text of the examples (must not hold `</think>`).
     template: prompt template name (`rpt_jax.rl.prompts.TEMPLATES`).
     max_context_tokens: most document tokens before the position put in an example's context.
@@ -213,20 +217,36 @@ class PretrainBatches:
     per_step = self.config.batch_size * self.config.skill_example_fraction
     return _cumulative(step + 1, per_step) - _cumulative(step, per_step)
 
-  def skill_example(self, index: int) -> tuple[list[int], list[int]]:
-    """(prompt_ids, response_ids + EOS) of skill example `index` (the first that fits seq_len
-    from `index` on, in a stream of its own)."""
-    tok = self.tokenizer
+  def skill_row(self, index: int) -> list[tuple[list[int], list[int]]]:
+    """The (prompt_ids, response_ids + EOS) of skill row `index`: skill examples
+    `index * _MAX_DRAWS_PER_EXAMPLE + k`, k = 0, 1, ..., one after another (a multi-turn chat)
+    while they fit seq_len (examples too long for an empty row are skipped)."""
+    tok, row, used = self.tokenizer, [], 0
+    # A curriculum: operands of 1 digit in the first 1/D of the skill rows, up to 2 in the next
+    # 1/D, ... (D = the corpus's max_digits): one-digit facts are learnt in a few hundred steps
+    # alone, and the longer problems build on them.
+    most = synthetic.SyntheticConfig.max_digits
+    total = max(_cumulative(self.config.steps, self.config.batch_size
+                            * self.config.skill_example_fraction), 1)
+    digits = min(most, 1 + most * index // total)
     for k in range(_MAX_DRAWS_PER_EXAMPLE):
-      ex = skills_lib.skill_example(self.config.seed, index * _MAX_DRAWS_PER_EXAMPLE + k)
+      ex = skills_lib.skill_example(self.config.seed, index * _MAX_DRAWS_PER_EXAMPLE + k,
+                                    max_digits=digits)
       prompt_ids = list(tok.encode(tok.apply_chat_template(ex.problem)))
       response_ids = list(tok.encode(prompts.format_response(ex.thought, ex.answer)))
       response_ids.append(tok.eos_id)
-      if len(prompt_ids) + len(response_ids) <= self.config.seq_len:
-        return prompt_ids, response_ids
-      self.skipped["too_long"] += 1
-    raise ValueError(f"no skill example fits pretrain.seq_len={self.config.seq_len} in "
-                     f"{_MAX_DRAWS_PER_EXAMPLE} draws; raise pretrain.seq_len.")
+      size = len(prompt_ids) + len(response_ids)
+      if used + size > self.config.seq_len:
+        if row:
+          return row
+        self.skipped["too_long"] += 1
+        continue
+      row.append((prompt_ids, response_ids))
+      used += size
+    if not row:
+      raise ValueError(f"no skill example fits pretrain.seq_len={self.config.seq_len} in "
+                       f"{_MAX_DRAWS_PER_EXAMPLE} draws; raise pretrain.seq_len.")
+    return row
 
   def example(self, doc: int, position: int) -> tuple[list[int], list[int]] | None:
     """(prompt_ids, response_ids) predicting token `position` of document `doc`, or None (and
@@ -290,11 +310,11 @@ class PretrainBatches:
             f"{self.skipped}); if 'too_long' dominates, raise pretrain.seq_len={l} or lower "
             f"max_context_tokens={cfg.max_context_tokens} / use a shorter template than "
             f"{cfg.template!r}.")
-      self._put_example(row, built, tokens, attention_mask, loss_mask)
+      self._put_example(row, [built], tokens, attention_mask, loss_mask)
       is_reasoning[row] = True
     skills_before = _cumulative(step, b * cfg.skill_example_fraction)
     for k, row in enumerate(range(n_reasoning, n_reasoning + n_skill)):
-      self._put_example(row, self.skill_example(skills_before + k), tokens, attention_mask,
+      self._put_example(row, self.skill_row(skills_before + k), tokens, attention_mask,
                         loss_mask)
       is_skill[row] = True
     first_plain = n_reasoning + n_skill
@@ -312,14 +332,17 @@ class PretrainBatches:
     return PretrainBatch(tokens, loss_mask, attention_mask, positions, is_reasoning, is_skill)
 
   @staticmethod
-  def _put_example(row: int, built: tuple[list[int], list[int]], tokens: np.ndarray,
+  def _put_example(row: int, built: list[tuple[list[int], list[int]]], tokens: np.ndarray,
                    attention_mask: np.ndarray, loss_mask: np.ndarray) -> None:
-    prompt_ids, response_ids = built
-    ids = prompt_ids + response_ids
-    tokens[row, :len(ids)] = ids
-    attention_mask[row, :len(ids)] = 1
-    # Position t predicts token t + 1: from the last prompt token to the token before EOS.
-    loss_mask[row, len(prompt_ids) - 1:len(ids) - 1] = 1.0
+    """Writes (prompt_ids, response_ids) pairs one after another into `row`; loss on responses."""
+    at = 0
+    for prompt_ids, response_ids in built:
+      ids = prompt_ids + response_ids
+      tokens[row, at:at + len(ids)] = ids
+      attention_mask[row, at:at + len(ids)] = 1
+      # Position t predicts token t + 1: from the last prompt token to the token before EOS.
+      loss_mask[row, at + len(prompt_ids) - 1:at + len(ids) - 1] = 1.0
+      at += len(ids)
 
 
 def batch_loss(model: nnx.Module, batch: dict[str, jax.Array], *, chunk_size: int = 256,

@@ -4,13 +4,15 @@
 
 1. the run's own stages up to RPT (tokenizer, pretraining, prepared records, the "before RPT"
    evaluation), shared with `--mode=all`;
-2. RPT with the configured position filter, evaluated at `eval_points` steps spaced evenly in
-   log-compute (the scaling law is a power law in compute), then `rpt_jax.scaling` fits
-   P(C) = A / C^alpha + P* per difficulty split on next-token-reasoning accuracy against the
-   cumulative RL FLOPs (`rl_step_flops` of each step's measured mean response length);
+2. RPT with the configured position filter (its run of the ablation below), evaluated at
+   `eval_points` steps spaced evenly in log-compute (the scaling law is a power law in
+   compute), then `rpt_jax.scaling` fits P(C) = A / C^alpha + P* per difficulty split on
+   next-token-reasoning accuracy against the cumulative RL FLOPs (`rl_step_flops` of each
+   step's measured mean response length);
 3. the same RL budget (steps x contexts x G) from the same pretrained policy with every filter
-   of `filters`, each on its own prepared records, all evaluated on the SAME held-out positions
-   (the run's own records), the ablation at equal RL compute;
+   of `filters`, each on its own prepared records (every position the filter keeps: no
+   per-document cap), all evaluated on the SAME held-out positions (the run's own records), the
+   ablation at equal RL compute;
 4. `<workdir>/study/report.md`: the Table 1 shape (standard argmax vs next-token reasoning,
    before and after RPT), the scaling fit and plot, the ablation table and the breakdown by line
    kind; `study.json` holds every number.
@@ -122,8 +124,9 @@ def run_study(run, config: StudyConfig) -> str:
   filters = [main_filter] + [f for f in config.filters if f != main_filter]
   finals, flops, curve = {}, {}, []
   for name in filters:
-    sub = run.filter_run(name, os.path.join(out_dir, name),
-                         records_dir=run.records_dir if name == main_filter else None)
+    # Every filter gets its own records without the per-document cap: a cap that every filter
+    # reaches would make them all keep the same positions' count from the same documents.
+    sub = run.filter_run(name, os.path.join(out_dir, name), max_positions_per_document=None)
     sub.prepare()
     labels = {s: f"step_{s}" for s in schedule} if name == main_filter else {}
 
@@ -165,8 +168,7 @@ def run_study(run, config: StudyConfig) -> str:
 def _train_positions(run, name: str, out_dir: str) -> int | None:
   """Training positions the filter kept (from its records' manifest)."""
   from rpt_jax.data.pipeline import read_manifest  # pylint: disable=g-import-not-at-top
-  folder = run.records_dir if name == run.spec.prepare.filter else os.path.join(
-      out_dir, name, "records")
+  folder = os.path.join(out_dir, name, "records")
   try:
     counts = read_manifest(folder)["counts"]["train"]
   except (OSError, KeyError, ValueError):

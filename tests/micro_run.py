@@ -46,9 +46,9 @@ MICRO: dict[str, Any] = {
     "data.max_positions_per_document": 4,
     "data.max_prompt_tokens": 32,
     "data.prompt_buckets": (128,),
-    # The micro proxy is near-uniform over its top 16 (entropy ~2.70-2.75 nats, ln 16 = 2.77):
+    # The micro proxy is near-uniform over its top 16 (entropy ~2.750-2.757 nats, ln 16 = 2.77):
     # thresholds inside that range give the three difficulty splits different sizes.
-    "data.difficulty_thresholds": (2.73, 2.74, 2.744),
+    "data.difficulty_thresholds": (2.752, 2.753, 2.754),
     "rl.batch_contexts": 8,
     "rl.num_generations": 4,
     "rl.max_new_tokens": 12,

@@ -8,23 +8,28 @@ the user message, then `thought`, `</think>`, `\\boxed{answer}`, EOS). These are
 next-token-reasoning prompts (no template, no "### Context"): RPT has to learn to use the skill
 on a document's position.
 
-    kind        problem (a corpus line up to its first computed token)  thought                          answer
-    add         "4827 + 3596 = "                "7+6+0=13 2+9+1=12 8+5+1=14 4+3+1=8"                    "8423"
-    subtract    "5043 - 1287 = "                "13-7-0=6 14-8-1=5 10-2-1=7 5-1-1=3"                    "3756"
-    multiply    "47 * 6 = "                     "7*6+0=42 4*6+4=28"                                     "282"
-    sequence    "Sequence: 3, 7, 11, 15, "      "7-3=4 11-7=4 15-11=4 add 4: 15+4=19"                   "19"
-    equation    "If x + 7 = 12 then x = "       "12-7=5"                                                "5"
+    kind      problem (a corpus line up to a computed token)  thought                        answer
+    add       "482 + 359 = "                 "2+9+0=11:1 8+5+1=14:41 4+3+1=8:841"        "841"
+    subtract  "504 - 128 = "                 "14-8-0=6:6 10-2-1=7:76 5-1-1=3:376"        "376"
+    multiply  "47 * 6 = "                    "7*6+0=42:2 4*6+4=28:282"                   "282"
+    sequence  "Sequence: 3, 7, 11, 15, "     "7-3=4 11-7=4 15-11=4 add 4: 15+4=19"       "19"
+    equation  "If x + 7 = 12 then x = "      "12-7=5"                                    "5"
+    add       "482 + 359 = 84"               (as above)                                  "1"
 
-Digit steps run from the units up: `a+b+c=s` adds digit a, digit b and the carry c in, the
-written digit is s's last and the carry out its first (s >= 10); `1a-b-c=d` borrows ten (the
-next step's c is 1); `a*m+c=s` multiplies one digit. The answer is the last step's s, then the
-earlier steps' written digits, leading zeros dropped. So thoughts grow with the work: one step per
-digit, three to five checks per sequence, one line per equation. Tokens no reasoning can
-predict (a random name, an operand) get no skill example.
+Digit steps run from the units up: `a+b+c=s` adds digit a, digit b and the carry c in (the
+written digit is s's last, the carry out its first); `1a-b-c=d` borrows ten (the next step's c
+is 1); `a*m+c=s` multiplies one digit. After each step's `:` comes the result so far (its
+written digit before the previous result so far; the last step's whole value), so every token
+of a step reads only the step before it and the problem's digit it works on, and the answer
+is copied from the last step. A third of the problems show the answer's first digits already
+(a document's position inside a number): the answer is then the rest. So thoughts grow with
+the work: one step per digit, three to five checks per sequence, one line per equation. Tokens
+no reasoning can predict (a random name, an operand) get no skill example.
 
 Every example is a pure function of (seed, index); problems are drawn fresh (never taken from
 the corpus, so no held-out document can leak in), with the corpus's number ranges. A problem may
-follow one or two other corpus-style lines (the skill works on the LAST line of a text).
+follow one or two other corpus-style lines (the skill works on the LAST line of a text), and a
+third of the arithmetic ones sit in a problem's `Solution:` line.
 """
 
 from __future__ import annotations
@@ -52,27 +57,36 @@ def _digits(n: int) -> list[int]:
   return [int(c) for c in reversed(str(n))]
 
 
-def _answer(written: list[int], last: int) -> str:
-  """The result of digit steps: the last step's value, then earlier written digits (units last),
-  leading zeros dropped."""
-  return str(int(str(last) + "".join(str(d) for d in reversed(written))))
+def _chain(steps: list[tuple[str, int]], written: list[int]) -> tuple[str, str]:
+  """(thought, answer) of digit steps: step i is `work_i` then `:` and the result so far (the
+  digits written up to step i, units last; the last step writes its whole value), so every
+  digit of the answer is copied from the step right before it. Leading zeros are dropped from
+  the answer."""
+  out = []
+  for i, (work, value) in enumerate(steps):
+    last = i == len(steps) - 1
+    so_far = (str(value) if last else str(value % 10)) + "".join(
+        str(d) for d in reversed(written[:i]))
+    out.append(f"{work}={value}:{so_far}")
+  return " ".join(out), str(int(so_far))
 
 
 def add_work(a: int, b: int) -> tuple[str, str]:
-  """(thought, answer) of a + b (a, b >= 0), one `x+y+c=s` step per digit from the units up."""
+  """(thought, answer) of a + b (a, b >= 0): one `x+y+c=s:r` step per digit from the units up
+  (c the carry in, r the result so far)."""
   da, db = _digits(a), _digits(b)
-  steps, written, carry, s = [], [], 0, 0
+  steps, written, carry = [], [], 0
   for i in range(max(len(da), len(db))):
     x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
     s = x + y + carry
-    steps.append(f"{x}+{y}+{carry}={s}")
+    steps.append((f"{x}+{y}+{carry}", s))
     written.append(s % 10)
     carry = s // 10
-  return " ".join(steps), _answer(written[:-1], s)
+  return _chain(steps, written)
 
 
 def subtract_work(a: int, b: int) -> tuple[str, str]:
-  """(thought, answer) of a - b (a >= b >= 0): `x-y-c=d`, or `1x-y-c=d` borrowing ten."""
+  """(thought, answer) of a - b (a >= b >= 0): `x-y-c=d:r`, or `1x-y-c=d:r` borrowing ten."""
   if not 0 <= b <= a:
     raise ValueError(f"subtract_work needs 0 <= b <= a; got a={a}, b={b}.")
   da, db = _digits(a), _digits(b)
@@ -81,23 +95,23 @@ def subtract_work(a: int, b: int) -> tuple[str, str]:
     y = db[i] if i < len(db) else 0
     top = x + 10 if x - borrow < y else x
     d = top - y - borrow
-    steps.append(f"{top}-{y}-{borrow}={d}")
+    steps.append((f"{top}-{y}-{borrow}", d))
     written.append(d)
     borrow = int(top > x)
-  return " ".join(steps), _answer(written[:-1], written[-1])
+  return _chain(steps, written)
 
 
 def multiply_work(a: int, m: int) -> tuple[str, str]:
-  """(thought, answer) of a * m for one digit m (0..9): `x*m+c=s` per digit of a."""
+  """(thought, answer) of a * m for one digit m (0..9): `x*m+c=s:r` per digit of a."""
   if not 0 <= m <= 9:
     raise ValueError(f"multiply_work needs a one-digit multiplier; got m={m}.")
-  steps, written, carry, s = [], [], 0, 0
+  steps, written, carry = [], [], 0
   for x in _digits(a):
     s = x * m + carry
-    steps.append(f"{x}*{m}+{carry}={s}")
+    steps.append((f"{x}*{m}+{carry}", s))
     written.append(s % 10)
     carry = s // 10
-  return " ".join(steps), _answer(written[:-1], s)
+  return _chain(steps, written)
 
 
 def sequence_rule(terms: list[int]) -> tuple[str, int] | None:
@@ -141,22 +155,17 @@ def equation_work(op: str, b: int, rhs: int) -> tuple[str, str]:
   raise ValueError(f"equation_work: cannot solve x {op} {b} = {rhs} in whole numbers.")
 
 
-def _number(rng: synthetic.Rng, max_digits: int = 4) -> int:
-  digits = rng.int(1, max_digits)
-  return rng.int(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1)
-
-
-def _arithmetic(rng: synthetic.Rng, kind: str) -> SkillExample:
+def _arithmetic(rng: synthetic.Rng, kind: str, max_digits: int) -> SkillExample:
   if kind == "multiply":
     # The corpus multiplies 2..99 by 2..9 (lines) and 2..9 bags by 2..12 items (problems).
     if rng.int(0, 1):
-      a, m = rng.int(2, 99), rng.int(2, 9)
+      a, m = max(2, min(99, synthetic.number(rng, max_digits))), rng.int(2, 9)
       problem = f"{a} * {m} = "
     else:
       m, a = rng.int(2, 9), rng.int(2, 12)
       problem = f"{m} * {a} = "
     return SkillExample(kind, problem, *multiply_work(a, m))
-  a, b = _number(rng), _number(rng)
+  a, b = synthetic.number(rng, max_digits), synthetic.number(rng, max_digits)
   if kind == "add":
     return SkillExample(kind, f"{a} + {b} = ", *add_work(a, b))
   a, b = max(a, b), min(a, b)
@@ -198,9 +207,14 @@ def _equation(rng: synthetic.Rng) -> SkillExample:
 
 
 def skill_example(seed: int, index: int, *, kinds: tuple[str, ...] = SKILLS,
-                  max_lines_before: int = 2) -> SkillExample:
-  """Example `index` of the stream seeded by `seed`: a uniformly drawn skill, its problem after
-  0..`max_lines_before` other corpus-style lines."""
+                  max_lines_before: int = 2,
+                  max_digits: int = synthetic.SyntheticConfig.max_digits) -> SkillExample:
+  """Example `index` of the stream seeded by `seed`: a uniformly drawn skill (sums and
+  differences of up to `max_digits`-digit operands, as the corpus's), its problem after
+  0..`max_lines_before` other corpus-style lines. A third of the arithmetic problems sit in a
+  problem's `Solution:` line; a third of all problems (answers of 2+ digits) show the answer's
+  first digits already, and the answer is then the rest (a document's position inside a
+  number)."""
   rng = synthetic.Rng(f"rpt-skills/{seed}/{index}")
   while True:  # Ambiguous sequences are redrawn (from the same stream: still deterministic).
     kind = rng.choice(kinds)
@@ -209,12 +223,19 @@ def skill_example(seed: int, index: int, *, kinds: tuple[str, ...] = SKILLS,
     elif kind == "equation":
       example = _equation(rng)
     else:
-      example = _arithmetic(rng, kind)
+      example = _arithmetic(rng, kind, max_digits)
     if example is not None:
       break
+  problem, answer = example.problem, example.answer
+  if kind in ("add", "subtract", "multiply") and rng.int(0, 2) == 0:
+    p, q = rng.int(2, 9), rng.int(2, 12)
+    problem = ("Solution: " if kind == "multiply" else f"Solution: {p} * {q} = {p * q}. ") + problem
+  if len(answer) > 1 and rng.int(0, 2) == 0:
+    shown = rng.int(1, len(answer) - 1)
+    problem, answer = problem + answer[:shown], answer[shown:]
   before = "".join(synthetic.corpus_line(rng) + "\n"
                    for _ in range(rng.int(0, max_lines_before)))
-  return dataclasses.replace(example, problem=before + example.problem)
+  return dataclasses.replace(example, problem=before + problem, answer=answer)
 
 
 def skill_examples(seed: int, count: int, **kwargs) -> Iterator[SkillExample]:

@@ -48,7 +48,7 @@ class SyntheticConfig:
   seed: int = 0
   lines_per_document: tuple[int, int] = (4, 10)
   kinds: tuple[str, ...] = KINDS
-  max_digits: int = 4
+  max_digits: int = 3
 
   def __post_init__(self):
     if self.num_documents < 1:
@@ -79,7 +79,8 @@ class Rng:
     return seq[self.int(0, len(seq) - 1)]
 
 
-def _number(rng: Rng, max_digits: int) -> int:
+def number(rng: Rng, max_digits: int) -> int:
+  """A number of 1..max_digits digits (the digit count uniform)."""
   digits = rng.int(1, max_digits)
   return rng.int(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1)
 
@@ -89,7 +90,7 @@ def _arithmetic(rng: Rng, cfg: SyntheticConfig) -> str:
   if op == "*":
     a, b = rng.int(2, 99), rng.int(2, 9)
     return f"{a} * {b} = {a * b}"
-  a, b = _number(rng, cfg.max_digits), _number(rng, cfg.max_digits)
+  a, b = number(rng, cfg.max_digits), number(rng, cfg.max_digits)
   if op == "-":
     a, b = max(a, b), min(a, b)
     return f"{a} - {b} = {a - b}"

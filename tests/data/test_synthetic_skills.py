@@ -5,9 +5,9 @@ import pytest
 
 from rpt_jax.data import skills, synthetic
 
-_STEP_ADD = re.compile(r"^(\d)\+(\d)\+(\d)=(\d+)$")
-_STEP_SUB = re.compile(r"^(\d+)-(\d)-(\d)=(\d)$")
-_STEP_MUL = re.compile(r"^(\d)\*(\d)\+(\d+)=(\d+)$")
+_STEP_ADD = re.compile(r"^(\d)\+(\d)\+(\d)=(\d+):(\d+)$")
+_STEP_SUB = re.compile(r"^(\d+)-(\d)-(\d)=(\d):(\d+)$")
+_STEP_MUL = re.compile(r"^(\d)\*(\d)\+(\d+)=(\d+):(\d+)$")
 
 
 def _units_first(n: int, width: int) -> list[int]:
@@ -15,8 +15,17 @@ def _units_first(n: int, width: int) -> list[int]:
 
 
 def _check_digit_chain(a: int, b: int, op: str, thought: str) -> None:
-  """Re-derives each step from a, b by hand: the digits it reads, its carry/borrow, its value."""
+  """Re-derives each step from a, b by hand: the digits it reads, its carry/borrow, its value,
+  and the result so far after its `:` (the true result's last i+1 digits; all of it at the last
+  step, leading zeros kept)."""
   steps = thought.split(" ")
+  want = {"+": a + b, "-": a - b, "*": a * b}[op]
+  for i, step in enumerate(steps):
+    so_far = step.rsplit(":", 1)[1]
+    if i < len(steps) - 1:
+      assert so_far == str(want % 10 ** (i + 1)).zfill(i + 1), (a, op, b, step)
+    else:
+      assert int(so_far) == want and len(so_far) >= i + 1, (a, op, b, step)
   if op == "+":
     width = max(len(str(a)), len(str(b)))
     assert len(steps) == width
@@ -24,7 +33,7 @@ def _check_digit_chain(a: int, b: int, op: str, thought: str) -> None:
     for x, y, step in zip(_units_first(a, width), _units_first(b, width), steps):
       m = _STEP_ADD.match(step)
       assert m, step
-      assert [int(g) for g in m.groups()] == [x, y, carry, x + y + carry]
+      assert [int(g) for g in m.groups()[:4]] == [x, y, carry, x + y + carry]
       carry = (x + y + carry) // 10
   elif op == "-":
     width = len(str(a))
@@ -33,7 +42,7 @@ def _check_digit_chain(a: int, b: int, op: str, thought: str) -> None:
     for x, y, step in zip(_units_first(a, width), _units_first(b, width), steps):
       m = _STEP_SUB.match(step)
       assert m, step
-      top, yy, c, d = (int(g) for g in m.groups())
+      top, yy, c, d = (int(g) for g in m.groups()[:4])
       assert (yy, c) == (y, borrow)
       assert top == (x + 10 if x - borrow < y else x) and d == top - y - borrow and 0 <= d <= 9
       borrow = int(top > x)
@@ -45,7 +54,7 @@ def _check_digit_chain(a: int, b: int, op: str, thought: str) -> None:
     for x, step in zip(digits, steps):
       m = _STEP_MUL.match(step)
       assert m, step
-      assert [int(g) for g in m.groups()] == [x, b, carry, x * b + carry]
+      assert [int(g) for g in m.groups()[:4]] == [x, b, carry, x * b + carry]
       carry = (x * b + carry) // 10
 
 
@@ -72,7 +81,7 @@ def test_digit_skills_match_python_arithmetic_exhaustively_small_and_sampled_lar
 
 def _true_statements(thought: str) -> int:
   """Checks every `p op q = r` in a thought with Python; returns how many there were."""
-  found = re.findall(r"(\d+)([-+*/])(\d+)=(\d+)", thought)
+  found = re.findall(r"(-?\d+)([-+*/])(\d+)=(-?\d+)", thought)
   for p, op, q, r in found:
     p, q, r = int(p), int(q), int(r)
     want = {"+": p + q, "-": p - q, "*": p * q, "/": p // q if q and p % q == 0 else None}[op]
@@ -114,33 +123,44 @@ def test_equation_skill_solves_the_equation():
 
 
 def test_generated_examples_are_right_and_thoughts_grow_with_the_work():
-  lengths = {}
+  lengths, shown = {}, 0
   for ex in skills.skill_examples(seed=0, count=4000):
     line = ex.problem.rsplit("\n", 1)[-1]
+    # The problem may show the answer's first digits: the true result is them + the answer.
+    m = re.search(r"(\d*)$", line)
+    written, line = m.group(1), line[:m.start()]
+    result = written + ex.answer
+    assert ex.answer and result == str(int(result))
+    shown += bool(written)
     if ex.kind == "sequence":
       assert _true_statements(ex.thought) >= 3
       terms = [int(t) for t in line[len("Sequence: "):].split(", ") if t]
       rule = skills.sequence_rule(terms)
       assert rule is not None
-      assert int(ex.answer) == {"add": terms[-1] + rule[1], "times": terms[-1] * rule[1],
-                                "sum": terms[-1] + terms[-2]}[rule[0]]
+      assert int(result) == {"add": terms[-1] + rule[1], "times": terms[-1] * rule[1],
+                             "sum": terms[-1] + terms[-2]}[rule[0]]
     elif ex.kind == "equation":
       assert _true_statements(ex.thought) == 1
       m = re.match(r"If (?:x ([+-]) (\d+)|(\d+) \* x) = (\d+) then x = $", line)
-      x, rhs = int(ex.answer), int(m.group(4))
+      x, rhs = int(result), int(m.group(4))
       assert (x + int(m.group(2)) if m.group(1) == "+" else x - int(m.group(2))
               if m.group(1) == "-" else int(m.group(3)) * x) == rhs
     else:
-      m = re.match(r"(\d+) ([-+*]) (\d+) = $", line)
-      a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
-      assert int(ex.answer) == {"+": a + b, "-": a - b, "*": a * b}[op]
+      m = re.fullmatch(r"(?:Solution: (?:(\d+) \* (\d+) = (\d+)\. )?)?(\d+) ([-+*]) (\d+) = ",
+                       line)
+      assert m, line
+      if m.group(1):  # the Solution line's first product, true too
+        assert int(m.group(1)) * int(m.group(2)) == int(m.group(3))
+      a, op, b = int(m.group(4)), m.group(5), int(m.group(6))
+      assert int(result) == {"+": a + b, "-": a - b, "*": a * b}[op]
       if op == "*" and _STEP_MUL.match(ex.thought.split(" ")[0]).group(2) != str(b):
         a, b = b, a  # "bags * items": the work runs over the second factor's digits
       _check_digit_chain(a, b, op, ex.thought)
     assert "</think>" not in ex.thought and "{" not in ex.answer
     lengths.setdefault(ex.kind, set()).add(len(ex.thought.split(" ")))
   assert set(lengths) == set(skills.SKILLS)
-  assert len(lengths["add"]) >= 4 and len(lengths["multiply"]) >= 2  # 1..5 digit steps
+  assert 500 < shown < 2000  # about a third of the multi-digit answers start inside the number
+  assert len(lengths["add"]) >= 3 and len(lengths["multiply"]) >= 2  # 1..4 digit steps
   assert list(skills.skill_examples(0, 50)) == list(skills.skill_examples(0, 50))
   assert list(skills.skill_examples(0, 50)) != list(skills.skill_examples(1, 50))
 

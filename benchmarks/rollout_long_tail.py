@@ -31,11 +31,12 @@ The LAST line is:
 
 Measured (full size, 2-core VM, other jobs paused; jax 0.10.2, transformers 5.24, fp32;
 125,302 tokens, max budget 512):
-  static micro-batch 1: 658 tok/s (45,227 decode steps, utilization 34.1%); micro-batch 2: 398;
-  micro-batch 4: 309 (an earlier full run; micro-batch 1 is the best static one);
+  static micro-batch 1: 658 tok/s (45,227 decode steps, utilization 34.1%); micro-batch 2 and 4
+  ran slower in an earlier full run taken while niced jobs shared the cores (398 and 309 tok/s
+  against 565 for micro-batch 1): micro-batch 1 is the best static one;
   engine, 128 slots: 3,578 tok/s, 1,014 steps, utilization 95.0% (host scheduling 2.3% of the
   run); fixed-length 64: 5,491 tok/s (engine / fixed-length 65%; with the long-tail run's
-  cache 82%); HF continuous batching (4 contexts): 18 tok/s.
+  cache 82%); HF continuous batching (4 contexts, that earlier loaded run): 18 tok/s.
   long-tail: engine 3578 tok/s, static 658 tok/s, 5.44x; utilization 95.0%; fixed-length 5491 tok/s
 """
 

@@ -135,6 +135,7 @@ class SlotEngine(Sampler):
     self._state: SlotState | None = None
     self._slot_group: list[tuple[_Group, int] | None]  # slot -> (its row's group, member g)
     self._slot_count: np.ndarray  # slot -> tokens its row had when the host last read it
+    self._slot_prompt: np.ndarray  # slot -> its row's prompt length
     self._slot_end: np.ndarray  # slot -> its row's prompt length + budget (positions it can fill)
     self._finished_carry: list[_Group]  # groups finished but not returned by the last call
     self._shape: tuple | None  # (L, N, G) of the carried rows
@@ -209,6 +210,7 @@ class SlotEngine(Sampler):
     self._state, self._shape, self._finished_carry = None, None, []
     self._slot_group = [None] * self.slots
     self._slot_count = np.ones(self.slots, np.int64)
+    self._slot_prompt = np.zeros(self.slots, np.int64)
     self._slot_end = np.zeros(self.slots, np.int64)
 
   # ---- scheduling ----------------------------------------------------------------------------
@@ -261,7 +263,7 @@ class SlotEngine(Sampler):
         break
       min_free = g * min(self.prefill_contexts, len(queue)) if queue else self.slots + 1
       chunk = self.programs.chunk(self.slots, l + n, self.chunk_steps, method, eos,
-                                  self._chunk_prefix(l, l + n))
+                                  self._chunk_prefix(l + n))
       self._state, tokens_KS, logprobs_KS, steps, count_S, live_S = chunk(
           params, self._state, jnp.int32(min_free))
       stats["chunks"] += 1
@@ -292,15 +294,15 @@ class SlotEngine(Sampler):
     self._record_stats(stats)
     return done, unstarted, dropped, carried_ids
 
-  def _chunk_prefix(self, prompt_len: int, cache_len: int) -> int:
+  def _chunk_prefix(self, cache_len: int) -> int:
     """Cache positions the next chunk can touch: every live row's next K positions (capped at
     its budget), rounded up to a multiple of cache_len / LIVE_PREFIXES (all when not
     `live_prefix`). Row r's token t sits at position prompt_len_r + t - 1 once fed."""
     if not self.live_prefix:
       return cache_len
     live = np.asarray([o is not None for o in self._slot_group])
-    reach = np.minimum(prompt_len + self._slot_count + self.chunk_steps - 1, self._slot_end)
-    need = int(max(prompt_len, reach[live].max(initial=0)))
+    reach = np.minimum(self._slot_prompt + self._slot_count + self.chunk_steps - 1, self._slot_end)
+    need = int(reach[live].max(initial=1))
     step = -(-cache_len // self.LIVE_PREFIXES)
     return min(cache_len, -(-need // step) * step)
 
@@ -325,6 +327,7 @@ class SlotEngine(Sampler):
         self._slot_group[s] = (new[i], member)
       budget_R[j * g:(j + 1) * g] = budgets_R[i * g:(i + 1) * g]
       self._slot_count[slot_R[j * g:(j + 1) * g]] = 1
+      self._slot_prompt[slot_R[j * g:(j + 1) * g]] = lengths_B[i]
       self._slot_end[slot_R[j * g:(j + 1) * g]] = lengths_B[i] + budgets_R[i * g:(i + 1) * g]
     row = lambda x: self._feed(x, ("batch",))  # noqa: E731
     self._state, first, logp = admit(params, self._state, self._feed(tok_PL, ("batch", "length")),

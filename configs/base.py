@@ -99,6 +99,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Contexts prefilled per admission into free slots (G rows each). On a mesh, a multiple of the
   # batch split (data x fsdp) splits the prefill across it; 1 repeats it on every batch shard.
   c.rl.prefill_contexts = 1
+  # Over-sampling with abort (off: the paper is exactly on-policy). N > 0 offers the engine
+  # rl.batch_contexts + N contexts per rollout call and stops once rl.batch_contexts whole groups
+  # are done; contexts it never started wait for the next call.
+  c.rl.oversample_contexts = 0
+  # With over-sampling: rows still decoding then continue in the next step as partial rollouts
+  # (staleness logged, their sampling log-probs in the PPO ratio) instead of being dropped.
+  c.rl.partial_rollouts = False
   c.rl.train_micro_batch = 8  # contexts (each with its G rollouts) per gradient-accumulation micro-step
   c.rl.shared_prefix = True  # encode each context once per group in the train pass
 

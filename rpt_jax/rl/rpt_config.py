@@ -16,7 +16,14 @@ from rpt_jax.rl.objectives import ObjectiveConfig
 class RPTConfig:
   """Settings of the RPT loop (the config's `rl`, `optim` and `train` sections; built by
   `rpt_jax.spec.RunSpec`). Micro-batch sizes above `batch_contexts` mean "the whole batch":
-  read them through `rollout_micro_contexts` / `train_micro_contexts`."""
+  read them through `rollout_micro_contexts` / `train_micro_contexts`.
+
+  Over-sampling (off by default: the paper is exactly on-policy): `oversample_contexts` O > 0
+  offers the rollout engine B + O contexts per call and ends the call once B whole groups are
+  done (`rpt_jax.rl.context_pool`); `partial_rollouts` keeps the rows still decoding in the
+  engine for the next step (their behaviour log-probs go into the PPO ratio) instead of dropping
+  them. `prompt_width` (data.prompt_buckets[-1]): the one prompt width carried rows need.
+  """
 
   steps: int
   batch_contexts: int = 256
@@ -35,6 +42,9 @@ class RPTConfig:
   rollout_micro_batch: int = 64
   decode_slots: int = 0
   prefill_contexts: int = 1
+  oversample_contexts: int = 0
+  partial_rollouts: bool = False
+  prompt_width: int = 0
   train_micro_batch: int = 64
   shared_prefix: bool = True
   optimizer: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -68,6 +78,15 @@ class RPTConfig:
       raise ValueError(f"rl.prefill_contexts={self.prefill_contexts} x rl.num_generations="
                        f"{self.num_generations} rows must fit the {self.slots} decode slots "
                        "(and be >= 1); lower it or raise rl.decode_slots.")
+    if self.oversample_contexts < 0:
+      raise ValueError(f"rl.oversample_contexts={self.oversample_contexts} must be >= 0 (0: off, "
+                       "every rollout call generates exactly rl.batch_contexts contexts).")
+    if self.partial_rollouts and not self.oversample_contexts:
+      raise ValueError("rl.partial_rollouts=True carries rows that over-sampling left unfinished; "
+                       "set rl.oversample_contexts >= 1 or rl.partial_rollouts=False.")
+    if self.partial_rollouts and self.prompt_width < 1:
+      raise ValueError(f"prompt_width={self.prompt_width}: rl.partial_rollouts=True pads every "
+                       "prompt to one width; set it to the widest of data.prompt_buckets.")
     if self.steps < 0 or self.dynamic_sampling_from_step < 0:
       raise ValueError(f"train.steps={self.steps} / rl.dynamic_sampling_from_step="
                        f"{self.dynamic_sampling_from_step} must be >= 0.")

@@ -59,7 +59,10 @@ class RolloutBatch:
   completion_mask:   [B*G, N]      1 on generated tokens incl. EOS, 0 on padding.
   advantages:        float [B*G]   one advantage per rollout (`rpt_jax.rl.advantages`).
   old_logprobs:      float [B*G, N] | None  sampling-policy log-probs; None = exactly on-policy
-                     (old = stop_gradient(new): ratio 1, the paper's setting).
+                     (old = stop_gradient(new): ratio 1, the paper's setting). A NaN entry marks
+                     an on-policy token the same way, so one batch can mix on-policy rows (NaN)
+                     with rows sampled under older weights (over-sampling's partial rollouts
+                     carry the engine's per-token log-probs of the weights that sampled them).
   ref_logprobs:      float [B*G, N] | None  reference-policy log-probs (for LossConfig.beta > 0).
   context_mask:      int [B, Lp] | None  1 on the prompt's context tokens (for
                      LossConfig.ntp_coef > 0; `rpt_jax.rl.context_ntp.context_mask`).
@@ -240,7 +243,9 @@ class TrainStep:
         num_generations=cfg.num_generations, temperature=cfg.temperature,
         shared_prefix=cfg.shared_prefix, mesh=self.mesh, rules=self.rules,
         chunk_size=cfg.logprob_chunk_size, with_prompt=ntp)
-    old_RN = (jax.lax.stop_gradient(logp_RN) if mb.old_logprobs is None else mb.old_logprobs)
+    on_policy_RN = jax.lax.stop_gradient(logp_RN)
+    old_RN = (on_policy_RN if mb.old_logprobs is None
+              else jnp.where(jnp.isnan(mb.old_logprobs), on_policy_RN, mb.old_logprobs))
     loss_sum, _, metrics = loss_lib.policy_loss(
         logp_RN, old_RN, mb.advantages, mb.completion_mask, config=cfg.loss_config,
         ref_logp_BT=mb.ref_logprobs, entropy_BT=entropy_RN)

@@ -60,6 +60,8 @@ BAD = [
     (dict(rl__top_p=0.0), "rl.top_p=0.0"),
     (dict(rl__top_p=1.5), "rl.top_p=1.5"),
     (dict(rl__max_new_tokens=0), "rl.max_new_tokens=0"),
+    (dict(rl__oversample_contexts=-1), "rl.oversample_contexts=-1 must be >= 0"),
+    (dict(rl__partial_rollouts=True), "rl.partial_rollouts=True carries rows that over-sampling"),
     (dict(rl__advantage="ppo"), "rl.advantage='ppo'"),
     (dict(rl__reward="exact"), "rl.reward='exact': unknown reward 'exact'"),
     (dict(data__template="v9"), "data.template: unknown prompt template 'v9'"),

@@ -166,6 +166,26 @@ def test_gradient_matches_directional_finite_difference(setup):
   np.testing.assert_allclose(numeric, analytic, rtol=1e-2)
 
 
+def test_nan_old_logprobs_mark_on_policy_rows(setup):
+  """A batch mixing on-policy rows (old log-probs NaN) with stale rows (old = logp + noise): the
+  loss and gradients of the reference with noise 0 on the on-policy rows, and the ratio worked
+  by hand: exp(-noise) on stale tokens, exactly 1 on on-policy ones."""
+  graphdef, params, batch, _, _ = setup
+  model = nnx.merge(graphdef, params)
+  on_policy_R = np.isin(np.arange(B * G), [0, 3, 5])
+  noise = np.random.default_rng(1).normal(0, 0.3, (B * G, N)).astype(np.float32)
+  noise[on_policy_R] = 0.0
+  (ref_loss, old), ref_grads = nnx.jit(nnx.value_and_grad(
+      lambda m: _reference_loss(m, batch, noise), has_aux=True))(model)
+  mixed = batch.replace(old_logprobs=np.where(on_policy_R[:, None], np.nan, np.asarray(old)))
+  loss, grads, metrics = _loss_and_grads(graphdef, params, mixed, shared_prefix=True, micro=2)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5, atol=1e-6)
+  _assert_trees_close(grads, nnx.state(ref_grads, nnx.Param), atol=2e-5)
+  mask = batch.completion_mask.astype(bool)
+  ratio_hand = np.where(on_policy_R[:, None], 1.0, np.exp(-noise.astype(np.float64)))
+  np.testing.assert_allclose(float(metrics["ratio_sum"]), ratio_hand[mask].sum(), rtol=1e-5)
+
+
 # ---- the full train step ---------------------------------------------------------------------
 
 

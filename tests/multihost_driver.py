@@ -118,6 +118,25 @@ def _over_sample(run) -> list[dict]:
            "lengths": whole(c.output.lengths).tolist()} for c in calls]
 
 
+def _train_over_sampled(run, workdir: str) -> list[dict]:
+  """The RPT loop with over-sampling and partial rollouts (rl.oversample_contexts=4, 3 steps)
+  from the pretrained policy (rebuilt: the same bits on every layout) in `workdir`; returns its
+  metrics rows. Replaces the run's policy: a late stage."""
+  import dataclasses
+
+  from rpt_jax.metrics import read_metrics
+  from rpt_jax.train import RPTTrainer
+
+  run.__dict__.pop("model", None)  # Run.model (cached) rebuilds it from pretrain/checkpoints.
+  config = dataclasses.replace(run.spec.rpt, oversample_contexts=4, partial_rollouts=True,
+                               steps=3)
+  trainer = RPTTrainer(run.model, run.tokenizer, config, mesh=run.mesh, rules=run.rules,
+                       workdir=workdir, progress=False)
+  trainer.run(iter(run.train_loader()))
+  trainer.checkpointer.close()
+  return read_metrics(workdir)
+
+
 def _train_across(run, config, workdir: str) -> list[dict]:
   """Points the run's trainer at `workdir`, restores its newest checkpoint (written by another
   process layout) and trains on to the end there; returns that workdir's metrics rows. Reusing
@@ -144,7 +163,7 @@ def main() -> None:
   p.add_argument("--workdir", required=True)
   p.add_argument("--stages", default="pretrain,prepare,train,eval",
                  help="comma list of pretrain, prepare, reprepare, train, eval, groups, "
-                 "across, repretrain")
+                 "across, oversample, repretrain")
   p.add_argument("--num_processes", type=int, default=1)
   p.add_argument("--process_id", type=int, default=0)
   p.add_argument("--port", type=int, default=0)
@@ -233,6 +252,9 @@ def main() -> None:
       result["eval"] = run.evaluate("driver")
     elif stage == "groups":  # over-sampling with carried partial rollouts
       result["groups"] = _over_sample(run)
+    elif stage == "oversample":  # the RPT loop over-sampling, in <workdir>/oversample
+      result["oversample_metrics"] = _train_over_sampled(
+          run, os.path.join(args.workdir, "oversample"))
     elif stage == "repretrain":  # A few more pretrain steps on the current policy (changes it).
       result["repretrain"] = _repretrain(run, config)
     elif stage == "across":  # The same trainer (compiled programs) resumed from --across's

@@ -6,12 +6,14 @@ quieter), most of it compiling in 4 child processes; `runs` prints each launch's
 (`rpt_jax.pipeline.Run`, driven by tests/multihost_driver.py) on both layouts:
 
   one    1 process: tokenizer, pretrain, prepare (snapshot), RPT train 4 steps, over-sampling
-         ("groups"), eval, then 4 pretrain steps from the pretrained checkpoint ("repretrain")
+         ("groups"), eval, 3 RPT steps over-sampling with partial rollouts from the pretrained
+         policy ("oversample"), then 4 pretrain steps from the pretrained checkpoint
+         ("repretrain")
   two    2 processes (gloo collectives) on the snapshot without its tokenizer: process 0 trains
          the tokenizer again, prepare finds the records (and prepares a second copy, the two
          processes scoring 2 of its 4 shards each in one SPMD program), train, groups, eval;
          then the same trainer resumes `one`'s step-2 checkpoint (written by 1 process) in a
-         copy of `one`'s workdir and trains to the end ("across"); "repretrain"
+         copy of `one`'s workdir and trains to the end ("across"); "oversample"; "repretrain"
   back   1 process, resumed from `two`'s step-2 checkpoint (written by 2 processes)
   tensor 2 processes with mesh 1x1x4: the tensor axis crosses them, so both hold every batch
          row and feed the same rows; prepare again (one feed group), train, eval
@@ -208,13 +210,13 @@ def runs(tmp_path_factory):
   os.makedirs(logs)
   path = lambda name: os.path.join(tmp, name)  # noqa: E731
   out = {}
-  out["one"] = _Launch("one", path("one"), "pretrain,prepare,train,groups,eval,repretrain", 1, logs,
+  out["one"] = _Launch("one", path("one"), "pretrain,prepare,train,groups,eval,oversample,repretrain", 1, logs,
                        cache, (f"--snapshot=prepare:{path('prepared')}",)).results()
   last_ckpt = os.path.join("checkpoints", str(STEPS))
   # One launch at a time: 4 JAX processes compiling at once on 2 cores starve each other.
   across = _copy(path("one"), path("across"), drop=(last_ckpt,))
   out["two"] = _Launch("two", _copy(path("prepared"), path("two"), drop=("tokenizer",)),
-                       "prepare,reprepare,train,groups,eval,across,repretrain", 2, logs, cache,
+                       "prepare,reprepare,train,groups,eval,across,oversample,repretrain", 2, logs, cache,
                        (f"--across={across}",)).results()
   out["back"] = _Launch("back", _copy(path("two"), path("back"), drop=(last_ckpt,)),
                         "train,eval", 1, logs, cache).results()
@@ -297,6 +299,22 @@ def test_two_processes_over_sample_like_one(runs):
   assert second["staleness"] == [int(i < 8) for i in second["context_ids"]]
   for result in runs["two"]:
     assert result["groups"] == want
+
+
+def test_the_over_sampled_loop_logs_the_single_process_numbers(runs):
+  """RPTTrainer with rl.oversample_contexts=4 and partial rollouts: every process holds the
+  same context pool and takes the engine's groups in the same order, so 2 processes log the
+  1-process numbers (rollout/* counts and staleness exactly)."""
+  want = {m["step"]: m for m in runs["one"][0]["oversample_metrics"] if m["mode"] == "train"}
+  got = {m["step"]: m for m in runs["two"][0]["oversample_metrics"] if m["mode"] == "train"}
+  assert sorted(want) == [0, 1, 2]
+  assert any(m["rollout/staleness_max"] >= 1 for m in want.values())
+  for step in want:
+    _assert_rows_close(want[step], got[step], f"over-sampled step {step}")
+    for name in want[step]:
+      if name.startswith(("rollout/", "dynamic_sampling/")) or name in ("reward/mean_reward",
+                                                                       "train/num_tokens"):
+        assert want[step][name] == got[step][name], f"over-sampled step {step} {name}"
 
 
 def test_two_processes_log_the_single_process_numbers(runs):

@@ -104,7 +104,8 @@ def get_config() -> ml_collections.ConfigDict:
   # are done; contexts it never started wait for the next call.
   c.rl.oversample_contexts = 0
   # With over-sampling: rows still decoding then continue in the next step as partial rollouts
-  # (staleness logged, their sampling log-probs in the PPO ratio) instead of being dropped.
+  # (staleness logged, their sampling log-probs in the PPO ratio) instead of being dropped. The
+  # slot cache then stays allocated through the update, and prompts pad to the widest bucket.
   c.rl.partial_rollouts = False
   c.rl.train_micro_batch = 8  # contexts (each with its G rollouts) per gradient-accumulation micro-step
   c.rl.shared_prefix = True  # encode each context once per group in the train pass

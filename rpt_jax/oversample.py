@@ -10,8 +10,9 @@ One rollout call `take`s the first B + O waiting ids (they are then issued: in t
 what the engine reports back, the returned groups' records are `pop`ped into the step's batch,
 unstarted ids are `give_back` to the FRONT (they are the next call's first), dropped ids are
 `discard`ed (rows aborted mid-generation are lost), carried ids stay issued until a later call
-returns them. Ids only grow and unstarted ones are always the oldest taken, so the waiting list
-stays sorted: contexts are offered in data order.
+returns them. Batches are appended with growing ids and taken from the front, so every taken id
+is below every waiting one: the waiting list stays sorted and contexts are offered in data
+order.
 
 Not checkpointed: a restart loses the waiting and issued contexts (the loader continues at the
 batch after the last one pulled into the pool).

@@ -169,7 +169,8 @@ class RPTTrainer:
   # -- state ---------------------------------------------------------------------------------------
 
   def restore(self, data_iterator) -> bool:
-    """Restores the latest checkpoint (params, optimiser, step, loader state); False if none."""
+    """Restores the latest checkpoint (params, optimiser, step, loader state); False if none.
+    Over-sampling's pooled and carried contexts are not in it: they start empty."""
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
     restored = self.checkpointer.restore_latest(abstract)

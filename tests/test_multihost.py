@@ -210,14 +210,15 @@ def runs(tmp_path_factory):
   os.makedirs(logs)
   path = lambda name: os.path.join(tmp, name)  # noqa: E731
   out = {}
-  out["one"] = _Launch("one", path("one"), "pretrain,prepare,train,groups,eval,oversample,repretrain", 1, logs,
-                       cache, (f"--snapshot=prepare:{path('prepared')}",)).results()
+  out["one"] = _Launch("one", path("one"),
+                       "pretrain,prepare,train,groups,eval,oversample,repretrain", 1, logs, cache,
+                       (f"--snapshot=prepare:{path('prepared')}",)).results()
   last_ckpt = os.path.join("checkpoints", str(STEPS))
   # One launch at a time: 4 JAX processes compiling at once on 2 cores starve each other.
   across = _copy(path("one"), path("across"), drop=(last_ckpt,))
   out["two"] = _Launch("two", _copy(path("prepared"), path("two"), drop=("tokenizer",)),
-                       "prepare,reprepare,train,groups,eval,across,oversample,repretrain", 2, logs, cache,
-                       (f"--across={across}",)).results()
+                       "prepare,reprepare,train,groups,eval,across,oversample,repretrain", 2,
+                       logs, cache, (f"--across={across}",)).results()
   out["back"] = _Launch("back", _copy(path("two"), path("back"), drop=(last_ckpt,)),
                         "train,eval", 1, logs, cache).results()
   # Tensor across the two processes: both hold every batch row, so they must feed identical rows.

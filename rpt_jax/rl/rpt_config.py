@@ -20,9 +20,10 @@ class RPTConfig:
 
   Over-sampling (off by default: the paper is exactly on-policy): `oversample_contexts` O > 0
   offers the rollout engine B + O contexts per call and ends the call once B whole groups are
-  done (`rpt_jax.rl.context_pool`); `partial_rollouts` keeps the rows still decoding in the
+  done (`rpt_jax.oversample`); `partial_rollouts` keeps the rows still decoding in the
   engine for the next step (their behaviour log-probs go into the PPO ratio) instead of dropping
-  them. `prompt_width` (data.prompt_buckets[-1]): the one prompt width carried rows need.
+  them (the engine's slot cache then stays allocated through the update). `prompt_width`
+  (data.prompt_buckets[-1]): the one prompt width carried rows need.
   """
 
   steps: int

@@ -30,14 +30,16 @@ The LAST line is:
   python benchmarks/rollout_long_tail.py --smoke         # tiny shapes, seconds (the test)
 
 Measured (full size, 2-core VM, other jobs paused; jax 0.10.2, transformers 5.24, fp32;
-125,302 tokens, max budget 512):
-  static micro-batch 1: 658 tok/s (45,227 decode steps, utilization 34.1%); micro-batch 2 and 4
+125,302 tokens, max budget 512; `--static-micro 1 --hf-contexts 0`):
+  static micro-batch 1: 774 tok/s (45,227 decode steps, utilization 34.1%); micro-batch 2 and 4
   ran slower in an earlier full run taken while niced jobs shared the cores (398 and 309 tok/s
   against 565 for micro-batch 1): micro-batch 1 is the best static one;
-  engine, 128 slots: 3,578 tok/s, 1,014 steps, utilization 95.0% (host scheduling 2.3% of the
-  run); fixed-length 64: 5,491 tok/s (engine / fixed-length 65%; with the long-tail run's
-  cache 82%); HF continuous batching (4 contexts, that earlier loaded run): 18 tok/s.
-  long-tail: engine 3578 tok/s, static 658 tok/s, 5.44x; utilization 95.0%; fixed-length 5491 tok/s
+  engine, 128 slots: 5,354 tok/s, 1,014 steps, utilization 95.0% (host scheduling 3.7% of the
+  run; 10 slot-cache resizes); fixed-length 64: 6,758 tok/s (engine / fixed-length 79%; with
+  the long-tail run's cache 77%); HF continuous batching (4 contexts, that earlier loaded run):
+  18 tok/s. Before the slot cache followed the live length (each chunk read a slice of the
+  whole cache, materialised every step by XLA:CPU): engine 3,578, fixed-length 5,491 (65%).
+  long-tail: engine 5354 tok/s, static 774 tok/s, 6.92x; utilization 95.0%; fixed-length 6758 tok/s
 """
 
 from __future__ import annotations

@@ -73,28 +73,6 @@ def tracing_for_platform(platform: str) -> Iterator[None]:
     _TRACE_PLATFORM.reset(token)
 
 
-_CACHE_READ_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar(
-    "rpt_jax_cache_read_limit", default=None)
-
-
-@contextlib.contextmanager
-def limit_cache_reads(positions: int) -> Iterator[None]:
-  """Model code traced inside reads only the first `positions` slots of a KV cache (writes are
-  unaffected); the caller guarantees that every query sits below it. A static bound: the slot
-  engine traces one decode program per bound, for platforms whose decode attention reads every
-  key it is given (XLA:CPU's dense pass)."""
-  token = _CACHE_READ_LIMIT.set(int(positions))
-  try:
-    yield
-  finally:
-    _CACHE_READ_LIMIT.reset(token)
-
-
-def cache_read_limit() -> int | None:
-  """The bound set by `limit_cache_reads` (None: the whole cache)."""
-  return _CACHE_READ_LIMIT.get()
-
-
 def trace_platform() -> str:
   """The platform model code is being traced for (see `tracing_for_platform`)."""
   return _TRACE_PLATFORM.get() or jax.default_backend()

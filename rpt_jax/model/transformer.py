@@ -184,9 +184,6 @@ class Attention(nnx.Module):
       axes = KVCache.LOGICAL_AXES
       new_kv = (self._shard(cache_k, axes), self._shard(cache_v, axes))
       keys, values = new_kv[0].astype(cd), new_kv[1].astype(cd)
-      limit = attention_lib.cache_read_limit()
-      if limit is not None and limit < slots:  # Slots past it hold no key these queries read.
-        keys, values, slots = keys[:, :, :limit], values[:, :, :limit], limit
       mask = attention_lib.Mask.cache(positions_BL, slots)
     out = attention_lib.attend(q, keys, values, mask, cfg.attention, mesh=self.mesh,
                                rules=self.rules)

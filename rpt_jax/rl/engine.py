@@ -21,11 +21,12 @@ the host does it. The early exit on `min_free` keeps host visits to when a refil
 a freed slot idles only until G slots are free (utilization 95% on that workload; 94-95% in a
 simulation for 64-256 slots, longest-budget-first; 56-86% first-come).
 
-Live prefix (CPU): each chunk's attention reads only the cache prefix its live rows can reach
-in K steps (`attention.limit_cache_reads`, one compile per prefix length, at most
-LIVE_PREFIXES). With every budget 64 in that 640-position cache: 29.9 ms per step instead of
-34.4; on the long-tail workload itself no gain (34.5 vs 33.6 ms: a long row keeps the prefix
-near the cap, and the per-row ragged schedule costs more than it saves on XLA:CPU).
+Live prefix (CPU): the slot cache is kept as long as the live rows can reach in the next chunk
+(one of LIVE_PREFIXES lengths, each a compile of the programs; `SlotPrograms.resize` between
+chunks when the need crosses a length), so every decode step reads only that. XLA:CPU reads
+every key it is given, and a slice of the loop's cache is materialised every step (128 slots,
+192 of 640 positions: 20.3 ms a step, 15.5 on a 192-position cache; a prefix copied in and out
+per chunk cost more still, chunks being ~4 steps on the long-tail workload).
 
 Over-sampling with abort (`generate_groups`, off unless called): admit more contexts than the
 step needs and stop as soon as `groups_needed` whole groups are done. Rows still decoding are
@@ -112,10 +113,10 @@ class SlotEngine(Sampler):
   decode_slots (S): rows decoded at once (with a mesh, a multiple of data * fsdp keeps them
   batch-sharded); at least G. prefill_contexts (P): contexts prefilled per admission (the last
   batch padded with dummies). chunk_steps (K): most decode steps between host visits.
-  live_prefix: decode each chunk on the cache prefix its live rows can reach (one of
-  `LIVE_PREFIXES` lengths, each a compile) instead of the whole cache. Default: on CPU, whose
-  decode attention reads every key it is given (one dense pass is fastest there); elsewhere the
-  attention skips each row's dead blocks itself, and the prefix copy would cost HBM.
+  live_prefix: keep the slot cache only as long as its live rows can reach (one of
+  `LIVE_PREFIXES` lengths, each a compile) instead of L + the largest budget. Default: on CPU,
+  whose decode attention reads every key it is given (one dense pass is fastest there);
+  elsewhere the attention skips each row's dead blocks itself, and resizing would cost HBM.
   """
 
   LIVE_PREFIXES = 8
@@ -133,6 +134,7 @@ class SlotEngine(Sampler):
     self.programs = SlotPrograms(self)
     self.last_stats: dict[str, float] = {}
     self._state: SlotState | None = None
+    self._cache_len: int | None  # positions of the slot cache now (see _fit_cache)
     self._slot_group: list[tuple[_Group, int] | None]  # slot -> (its row's group, member g)
     self._slot_count: np.ndarray  # slot -> tokens its row had when the host last read it
     self._slot_prompt: np.ndarray  # slot -> its row's prompt length
@@ -207,7 +209,7 @@ class SlotEngine(Sampler):
 
   def drop_partial(self) -> None:
     """Forgets carried partial rollouts and frees the slot cache."""
-    self._state, self._shape, self._finished_carry = None, None, []
+    self._state, self._cache_len, self._shape, self._finished_carry = None, None, None, []
     self._slot_group = [None] * self.slots
     self._slot_count = np.ones(self.slots, np.int64)
     self._slot_prompt = np.zeros(self.slots, np.int64)
@@ -244,17 +246,23 @@ class SlotEngine(Sampler):
     params = self._place_params(self.params if params is None else params)
     if self._state is None:
       self._state = self.programs.init(self.slots, l + n, jax.random.key_data(rng).shape)
-    admit = self.programs.admit(self.slots, l + n, self.prefill_contexts, l, g, method, eos)
-    stats = dict(decode_steps=0, chunks=0, admissions=0, tokens=0, first_tokens=0, host_s=0.0)
+      self._cache_len = l + n
+    stats = dict(decode_steps=0, chunks=0, admissions=0, resizes=0, tokens=0, first_tokens=0,
+                 host_s=0.0)
     eos_set = np.asarray(eos, np.int32)
     start = host = time.perf_counter()  # host: when the device last handed results back
 
     while len(finished) < groups_needed:
       free = [s for s, occupant in enumerate(self._slot_group) if occupant is None]
       pending = []  # (groups, first-token outputs) of this visit's admissions
+      admitting = bool(queue) and len(free) >= g
+      # New rows reach at most position L + K - 1 in the chunk; their prefill writes [0, L).
+      self._fit_cache(l + n, min(l + self.chunk_steps, l + n) if admitting else 0, stats)
       while queue and len(free) >= g:
         take = [queue.pop(0) for _ in range(min(self.prefill_contexts, len(free) // g,
                                                 len(queue)))]
+        admit = self.programs.admit(self.slots, self._cache_len, self.prefill_contexts, l, g,
+                                    method, eos)
         pending.append((take, self._admit(admit, params, new, take, free, tokens_BL,
                                           lengths_B, budgets_R, g, rng)))
         stats["admissions"] += 1
@@ -262,8 +270,8 @@ class SlotEngine(Sampler):
       if not live:
         break
       min_free = g * min(self.prefill_contexts, len(queue)) if queue else self.slots + 1
-      chunk = self.programs.chunk(self.slots, l + n, self.chunk_steps, method, eos,
-                                  self._chunk_prefix(l + n))
+      self._fit_cache(l + n, 0, stats)
+      chunk = self.programs.chunk(self.slots, self._cache_len, self.chunk_steps, method, eos)
       self._state, tokens_KS, logprobs_KS, steps, count_S, live_S = chunk(
           params, self._state, jnp.int32(min_free))
       stats["chunks"] += 1
@@ -294,17 +302,22 @@ class SlotEngine(Sampler):
     self._record_stats(stats)
     return done, unstarted, dropped, carried_ids
 
-  def _chunk_prefix(self, cache_len: int) -> int:
-    """Cache positions the next chunk can touch: every live row's next K positions (capped at
-    its budget), rounded up to a multiple of cache_len / LIVE_PREFIXES (all when not
-    `live_prefix`). Row r's token t sits at position prompt_len_r + t - 1 once fed."""
+  def _fit_cache(self, cache_len: int, new_reach: int, stats: dict) -> None:
+    """With `live_prefix`, resizes the slot cache to the positions the next chunk can touch:
+    every live row's next K positions (capped at its budget) and `new_reach` for rows about to
+    be admitted, rounded up to a multiple of cache_len / LIVE_PREFIXES. Row r's token t sits
+    at position prompt_len_r + t - 1 once fed."""
     if not self.live_prefix:
-      return cache_len
+      return
     live = np.asarray([o is not None for o in self._slot_group])
     reach = np.minimum(self._slot_prompt + self._slot_count + self.chunk_steps - 1, self._slot_end)
-    need = int(reach[live].max(initial=1))
+    need = max(int(reach[live].max(initial=1)), new_reach)
     step = -(-cache_len // self.LIVE_PREFIXES)
-    return min(cache_len, -(-need // step) * step)
+    length = min(cache_len, -(-need // step) * step)
+    if length != self._cache_len:
+      self._state = self.programs.resize(self.slots, self._cache_len, length)(self._state)
+      self._cache_len = length
+      stats["resizes"] += 1
 
   def _carried_groups(self) -> list[_Group]:
     """Groups kept from the previous call: finished ones, then those still in slots."""

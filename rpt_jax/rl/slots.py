@@ -12,17 +12,19 @@ The host reads only replicated outputs (chunk tokens [K, S], count_S, live_S; ad
 tokens): on several processes every process reads the same values and schedules alike.
 
 Both take the SlotState donated: the cache [S, KVH, C, Dh] per layer is updated in place (C =
-L + the largest budget). A slot's cache entries past its prompt are stale from an earlier
-occupant until the slot's own decode steps overwrite them; a query at position p only reads
-slots <= p, all written by then. Idle slots still run every step (static shapes); their writes
-land in their own stale slots.
+L + the largest budget, or less: `resize` shortens or lengthens it between chunks to what the
+live rows can reach, see `SlotEngine.live_prefix`). A slot's cache entries past its prompt are
+stale from an earlier occupant until the slot's own decode steps overwrite them; a query at
+position p only reads slots <= p, all written by then. Idle slots still run every step (static
+shapes); their writes land in their own stale slots, or past C, where they are dropped.
 
 Randomness: slot s draws token t of global row r with fold_in(fold_in(key_s, t), r), key_s
 being the rng of the call that admitted the row: the same numbers as the static sampler's, so
 a row's tokens do not depend on its slot, its neighbours or when it was admitted.
 
 Compiles: admit once per (S, C, P, L, G, sampling, EOS ids), chunk once per (S, C, K, sampling,
-EOS ids); new data, weights, refill orders and min_free values reuse them.
+EOS ids), resize once per (S, C from, C to); new data, weights, refill orders and min_free
+values reuse them.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rpt_jax.model.attention import limit_cache_reads
 from rpt_jax.model.transformer import KVCache
 from rpt_jax.rl.sampling import Sampling, row_uniforms, sample_tokens
 
@@ -173,17 +174,12 @@ class SlotPrograms:
     return fn
 
   def chunk(self, slots: int, cache_len: int, steps: int, method: Sampling,
-            eos: tuple[int, ...], prefix: int | None = None):
+            eos: tuple[int, ...]):
     """fn(params, state, min_free) -> (state, tokens [K, S], log-probs [K, S], steps run,
     count_S, live_S); state donated. Step k's entry of slot s is its token number
-    count_S(before) + k while the slot was live (pad / 0 after).
-
-    prefix: the decode steps' attention reads the cache's first `prefix` positions only
-    (default: all; `attention.limit_cache_reads`); the caller guarantees that no live slot
-    reaches it within the chunk."""
+    count_S(before) + k while the slot was live (pad / 0 after)."""
     o = self.o
-    prefix = cache_len if prefix is None else int(prefix)
-    key = ("chunk", slots, cache_len, steps, method, eos, prefix)
+    key = ("chunk", slots, cache_len, steps, method, eos)
     if key in o._fns:
       return o._fns[key]
     pad_id = o.pad_id
@@ -204,9 +200,8 @@ class SlotPrograms:
         k, st, tokens_KS, logprobs_KS = carry
         live_S = st.live_S
         positions_S1 = (st.prompt_len_S + st.count_S - 1)[:, None]
-        with limit_cache_reads(prefix):
-          hidden, cache = model.hidden_states(st.token_S[:, None], positions_S1, None,
-                                              cache=st.cache)
+        hidden, cache = model.hidden_states(st.token_S[:, None], positions_S1, None,
+                                            cache=st.cache)
         new_S, logp_S = sample_tokens(model.logits(hidden)[:, 0],
                                       row_uniforms(keys_S, st.count_S, st.row_S), method)
         new_S = jnp.where(live_S, new_S, pad_id)
@@ -229,6 +224,36 @@ class SlotPrograms:
       shardings = ((o._param_shardings(o.params), state_sh, rep),
                    (state_sh, rep, rep, rep, rep, rep))
     fn = self._jit_donating(chunk, *shardings)
+    o._fns[key] = fn
+    return fn
+
+  def resize(self, slots: int, from_len: int, to_len: int):
+    """fn(state) -> the state with a cache of `to_len` positions: its first min(from, to)
+    positions kept, new ones zero (no row has written there). The engine keeps
+    the cache as long as its live rows need (`SlotEngine.live_prefix`)."""
+    o = self.o
+    key = ("resize", slots, from_len, to_len)
+    if key in o._fns:
+      return o._fns[key]
+    axis = KVCache.LOGICAL_AXES.index("cache_length")
+
+    def fit(x):
+      if to_len <= from_len:
+        return jax.lax.slice_in_dim(x, 0, to_len, axis=axis)
+      widths = [(0, 0)] * x.ndim
+      widths[axis] = (0, to_len - from_len)
+      return jnp.pad(x, widths)
+
+    def resize(state):
+      return state.replace(cache=jax.tree.map(fit, state.cache))
+
+    shardings = (None, None)
+    if o.mesh is not None:
+      shardings = ((self.state_shardings(slots, from_len),),
+                   self.state_shardings(slots, to_len))
+    # Not donated: the cache cannot be reused at another length (the old one is freed on return).
+    fn = (jax.jit(resize) if o.mesh is None else
+          jax.jit(resize, in_shardings=shardings[0], out_shardings=shardings[1]))
     o._fns[key] = fn
     return fn
 

@@ -130,9 +130,9 @@ def test_sharded_engine_equals_unsharded(hf_path, model, case):
 @pytest.mark.parametrize("live_prefix", [False, True])
 def test_one_compile_across_refills_data_and_weights(model, live_prefix):
   """Two calls of 7 contexts through 4 slots (G=2: at most 2 contexts in flight, so many
-  refills), new prompts, budgets and weights, then the first call again: the admission is
-  traced once; the chunk once, or once per cache prefix used (at most LIVE_PREFIXES), and the
-  repeated call traces nothing."""
+  refills), new prompts, budgets and weights, then the first call again: the admission and the
+  chunk are traced once per slot-cache length they run at (one without live_prefix; at most
+  LIVE_PREFIXES with it), and the repeated call traces nothing."""
   engine = SlotEngine(model, decode_slots=4, chunk_steps=3, live_prefix=live_prefix)
   kwargs = dict(num_samples=G, temperature=0.8, cache_tokens=13)
   for seed in (0, 1, 0):
@@ -143,9 +143,12 @@ def test_one_compile_across_refills_data_and_weights(model, live_prefix):
     assert engine.last_stats["admissions"] == len(lengths)
     if seed == 1:
       traced = dict(engine.trace_counts)
-  prefixes = {key[-1] for key in engine._fns if key[0] == "chunk"}  # pylint: disable=protected-access
-  assert dict(engine.trace_counts) == traced == {"admit": 1, "chunk": len(prefixes)}
-  assert len(prefixes) <= SlotEngine.LIVE_PREFIXES and (len(prefixes) > 1) == live_prefix
+  lengths = {kind: {key[2] for key in engine._fns if key[0] == kind}  # pylint: disable=protected-access
+             for kind in ("admit", "chunk")}
+  assert dict(engine.trace_counts) == traced == {k: len(v) for k, v in lengths.items()}
+  assert len(lengths["chunk"]) <= SlotEngine.LIVE_PREFIXES
+  assert (len(lengths["chunk"]) > 1) == live_prefix
+  assert live_prefix or lengths["admit"] == {9 + 13}  # the whole cache: prompt + cache_tokens
   for key, fn in engine._fns.items():  # pylint: disable=protected-access
     assert fn._cache_size() == 1, key  # pylint: disable=protected-access
 

@@ -33,8 +33,19 @@ Compiled for v5e:16x16 (libtpu 0.0.42.1, one program per command: `TPU_SKIP_MDS_
 runs it), per chip incl. the resident Adam state while sampling (budget 14.4 = 90% of 16 GiB):
   train_step       14.1 GiB with dense attention (`model.attention = "xla"`, this config;
                    compiled before the engine, the train step is unchanged since); 17.89 GiB
-                   with splash (18.5 GB of temporaries): OVER the budget, not yet understood
-                   (read the buffer report, `XLA_FLAGS=--xla_dump_to=...`)
+                   with splash (18.5 GB of temporaries): OVER the budget. Why, from the
+                   buffer reports (`XLA_FLAGS=--xla_dump_to=DIR`, the *memory-usage-report
+                   and *live-range files) of the same step with fewer layers
+                   (`--config.compile_check.hf_config.num_hidden_layers=N`): 2.03 / 2.40 /
+                   5.26 GiB at 2 / 4 / 12 layers, i.e. 0.36 GiB per layer at depth; at the
+                   peak (inside the micro-batch loop's backward) every layer's bf16
+                   all-gathered MLP and attention weights and an MLP activation are live,
+                   besides the two saved residual streams: the latency-hiding scheduler,
+                   given 48 unrolled layers, keeps them for overlap (the behaviour reported
+                   for unrolled layers in jax-ml/jax#20763). Lowering
+                   `--xla_tpu_scheduler_percent_shared_memory_limit` (60) changed nothing;
+                   turning the scheduler off fails to compile. The known fix is a scanned
+                   layer stack (one compiled layer body; MaxText's scan_layers).
   sampler_prefill  6.23 GiB: the engine admitting one context (prefill_contexts=1); 32 contexts
                    (one per batch shard) need 16.5 GiB with splash or chunked alike
   sampler_decode   8.44 GiB: a decode chunk over the 512 slots (5.1 GiB arguments: the donated
@@ -70,7 +81,8 @@ def get_config():
   c.data.score_batch_size = 64  # a multiple of the 32-way batch split
 
   # Dense attention for training and prefill: with the splash kernel this mesh's train step
-  # compiles to 17.9 GiB (over the 14.4 budget), with dense scores to 14.1 (see the docstring).
+  # compiles to 17.9 GiB (over the 14.4 budget: the scheduler keeps per-layer weights live
+  # across 48 unrolled layers), with dense scores to 14.1 (see the docstring).
   c.model.attention = "xla"
   c.rl.rollout_micro_batch = 64  # 512 decode slots
   # One context per admission, its prefill repeated on every batch shard: admitting 32 (one per

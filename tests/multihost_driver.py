@@ -180,7 +180,11 @@ def main() -> None:
                  help="STAGE:DIR copies the workdir to DIR after STAGE (process 0)")
   args = p.parse_args()
 
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
+  # A loaded 2-core machine can hold one device thread of an in-process CPU collective past
+  # XLA:CPU's default rendezvous timeouts (40 s): give them 10 minutes.
+  os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.local_devices} "
+                             "--xla_cpu_collective_timeout_seconds=600 "
+                             "--xla_cpu_collective_call_terminate_timeout_seconds=600")
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   import jax

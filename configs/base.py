@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   # rpt_jax.model.attention: 'auto' (tpu: splash, gpu: cudnn in bf16, cpu: xla; decode steps
   # read only each row's live cache) | 'xla' | 'chunked' | 'splash' | 'cudnn'.
   c.model.attention = "auto"
+  # The layer stack as one lax.scan in training and prefill (one compiled layer body): on a TPU
+  # the scheduler otherwise keeps per-layer weights live across unrolled layers (tpu_v5e.py).
+  c.model.scan_layers = False
   c.model.scratch = ml_collections.ConfigDict(dict(
       family="qwen2", vocab_size=0, hidden_size=256, intermediate_size=768, num_layers=4,
       num_heads=8, num_kv_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=1024,

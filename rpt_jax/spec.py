@@ -96,8 +96,9 @@ class ModelSpec:
   scratch: ModelConfig fields of the from-scratch architecture (vocab_size 0 = the tokenizer's).
   hf_config: a config.json as a dict, for checking a run whose weights are elsewhere
     (`compile_check.hf_config`); used when `hf_path` has no readable config.json here.
-  param_dtype, compute_dtype, remat, attention: the run's precision, rematerialisation and
-    attention implementation (`rpt_jax.model.attention`).
+  param_dtype, compute_dtype, remat, attention, scan_layers: the run's precision,
+    rematerialisation, attention implementation (`rpt_jax.model.attention`) and whether the
+    layer stack runs as a scan (`ModelConfig.scan_layers`).
   """
 
   hf_path: str = ""
@@ -107,11 +108,12 @@ class ModelSpec:
   compute_dtype: str = "bfloat16"
   remat: str = "full"
   attention: str = "auto"
+  scan_layers: bool = False
 
   def run_fields(self) -> dict[str, Any]:
     """The ModelConfig fields the run sets whatever the architecture's source."""
     return dict(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype,
-                remat=self.remat, attention=self.attention)
+                remat=self.remat, attention=self.attention, scan_layers=self.scan_layers)
 
   def model_config(self, vocab: VocabFacts) -> ModelConfig:
     """The policy's ModelConfig: the HF config.json's architecture, else `scratch` sized to
@@ -272,7 +274,8 @@ class RunSpec:
     scratch = dict(target.pop("model", None) or m.scratch.to_dict())
     model = ModelSpec(hf_path=m.hf_path, scratch=scratch, hf_config=target.get("hf_config"),
                       param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
-                      attention=m.get("attention", "auto"))
+                      attention=m.get("attention", "auto"),
+                      scan_layers=bool(m.get("scan_layers", False)))
     return cls(seed=c.seed, mesh=mesh, rules=rules, model=model,
                tokenizer_path=c.tokenizer.path, train_vocab_size=c.tokenizer.train_vocab_size,
                proxy_hf_path=d.proxy_hf_path, prepare=prepare, records_dir=d.records_dir,

@@ -27,7 +27,8 @@ ROPE_TYPES = ("default", "linear", "llama3")
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Decoder architecture plus run options (param/compute dtype, remat policy, attention
-  implementation: a name in `rpt_jax.model.attention.IMPLEMENTATIONS`).
+  implementation: a name in `rpt_jax.model.attention.IMPLEMENTATIONS`; scan_layers: run the
+  layer stack as one `lax.scan` where many tokens pass, see `Transformer.hidden_states`).
 
   `rope_scaling` is None or a dict with `rope_type` in ROPE_TYPES (HF's names and fields).
   `sliding_window` is None (full attention) or the window in tokens; we do not implement windowed
@@ -57,6 +58,7 @@ class ModelConfig:
   compute_dtype: str = "float32"
   remat: str = "none"
   attention: str = "auto"
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.family not in SUPPORTED_FAMILIES:
@@ -106,7 +108,8 @@ class ModelConfig:
               **overrides: Any) -> "ModelConfig":
     """Reads an HF `config.json` (a dict, the file, or the directory holding it).
 
-    `overrides` set fields not stored by HF (param_dtype, compute_dtype, remat, attention)
+    `overrides` set fields not stored by HF (param_dtype, compute_dtype, remat, attention,
+    scan_layers)
     or replace any.
     Accepts both the transformers 4 (`rope_theta` + `rope_scaling`) and 5 (`rope_parameters`)
     spellings of rotary settings.

@@ -261,6 +261,12 @@ class Transformer(nnx.Module):
     tokens_BL: int ids. positions_BL: int positions (default arange(L) per row).
     attention_mask_BL: 1 for real tokens, 0 for padding (default all ones). With `cache`, the
     tokens are written at their positions and attend to cache slots <= their position.
+
+    `config.scan_layers`: where more than one token per row passes (training, prefill), the
+    layers run as one `lax.scan` over their stacked weights (and stacked cache layers): one
+    compiled layer body, whose per-layer temporaries a scheduler cannot keep alive across
+    layers. Decode steps (one token) keep the unrolled loop: stacking the cache every step
+    would copy it.
     """
     cfg = self.config
     b, l = tokens_BL.shape
@@ -272,6 +278,9 @@ class Transformer(nnx.Module):
     cd = jnp.dtype(cfg.compute_dtype)
     x = self._embed(tokens_BL).astype(cd)
     sin, cos = rope_tables(positions_BL, rope_inv_freq(cfg))
+    if cfg.scan_layers and l > 1 and len(self.layers) > 1:
+      x, new_cache = self._scanned_layers(x, sin, cos, positions_BL, mask_BL, cache)
+      return self.final_norm(x), new_cache
     run = _run_block
     if cfg.remat != "none":
       run = nnx.remat(_run_block, policy=_REMAT_POLICIES[cfg.remat])
@@ -284,6 +293,25 @@ class Transformer(nnx.Module):
         new_v.append(kv[1])
     new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
     return self.final_norm(x), new_cache
+
+  def _scanned_layers(self, x_BLD, sin, cos, positions_BL, mask_BL, cache: KVCache | None):
+    """The layer stack as `lax.scan` over per-layer weights stacked on a leading axis (and the
+    cache's layers, stacked the same way); returns (x_BLD, new cache or None)."""
+    graphdef, _ = nnx.split(self.layers[0])
+    stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+    weights = jax.tree.map(stack, *[nnx.split(layer)[1] for layer in self.layers])
+    kv = None if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
+
+    def body(x, layer):
+      state, kv = layer
+      return nnx.merge(graphdef, state)(x, sin, cos, positions_BL, mask_BL, kv)
+
+    if self.config.remat != "none":  # Each layer's internals recomputed in the backward pass.
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False)
+    x_BLD, new_kv = jax.lax.scan(body, x_BLD, (weights, kv))
+    if cache is None:
+      return x_BLD, None
+    return x_BLD, KVCache(k=tuple(new_kv[0]), v=tuple(new_kv[1]))
 
   def _embed(self, tokens_BL: Array) -> Array:
     """Embedding rows [B, L, D] (param dtype), split over the mesh like activations."""

@@ -201,14 +201,24 @@ def _shared_prefix_loss(model, ctx, ctx_len, ctx_mask, comp, comp_mask, weights)
 
 
 @pytest.mark.parametrize("chunk_bytes,implementation",
-                         [(None, "auto"), (1, "auto"), (None, "chunked"), (None, "splash")],
-                         ids=["whole", "row-chunks", "chunked", "splash"])
+                         [(None, "auto"), (1, "auto"), (None, "chunked"), (None, "splash"),
+                          (None, "scan")],
+                         ids=["whole", "row-chunks", "chunked", "splash", "scan-layers"])
 def test_shared_prefix_cache_loss_and_grads_match_torch(chunk_bytes, implementation, monkeypatch,
                                                         hf_models, ours):
+  """scan-layers: the layer stack as one rematerialised lax.scan (context prefill and the
+  completions through its cache both have many tokens per row, so both scan)."""
   if chunk_bytes:  # Gradients through the rematerialised chunk loop too.
     monkeypatch.setattr(attention, "_CPU_SCORE_CHUNK_BYTES", chunk_bytes)
-  hf_model, _ = hf_models["qwen2"]
-  model = _with_attention(ours, hf_models, "qwen2", implementation)
+  hf_model, path = hf_models["qwen2"]
+  if implementation == "scan":
+    model = hf_io.load_hf(path, scan_layers=True, remat="full")[0]
+    graphdef, state = nnx.split(model)
+    jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s).hidden_states(
+        np.zeros((1, 4), np.int32)))(state))
+    assert jaxpr.count("scan[") == 1 and jaxpr.count("remat") == 1  # One body for all layers.
+  else:
+    model = _with_attention(ours, hf_models, "qwen2", implementation)
   ctx, ctx_len, ctx_mask, comp, comp_len, comp_mask, weights = _shared_prefix_case()
   loss, grads = nnx.jit(nnx.value_and_grad(_shared_prefix_loss))(
       model, ctx, ctx_len, ctx_mask, comp, comp_mask, weights)

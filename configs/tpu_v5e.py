@@ -31,21 +31,20 @@ paper's N = 8,192). Decode steps read each row's live cache blocks.
 Compiled for v5e:16x16 (libtpu 0.0.42.1, one program per command: `TPU_SKIP_MDS_QUERY=1 python
 -m rpt_jax.compile_check --config=configs/tpu_v5e.py --programs=train_step`, traced as the TPU
 runs it), per chip incl. the resident Adam state while sampling (budget 14.4 = 90% of 16 GiB):
-  train_step       14.1 GiB with dense attention (`model.attention = "xla"`, this config;
-                   compiled before the engine, the train step is unchanged since); 17.89 GiB
-                   with splash (18.5 GB of temporaries): OVER the budget. Why, from the
-                   buffer reports (`XLA_FLAGS=--xla_dump_to=DIR`, the *memory-usage-report
-                   and *live-range files) of the same step with fewer layers
-                   (`--config.compile_check.hf_config.num_hidden_layers=N`): 2.03 / 2.40 /
-                   5.26 GiB at 2 / 4 / 12 layers, i.e. 0.36 GiB per layer at depth; at the
+  train_step       11.20 GiB (10.5 GiB temporaries) with splash and the layers scanned
+                   (`model.scan_layers`, this config). Unrolled, the same step compiled to
+                   17.89 GiB with splash (over the budget) and 14.1 with dense attention. Why,
+                   from the buffer reports (`XLA_FLAGS=--xla_dump_to=DIR`, the
+                   *memory-usage-report and *live-range files) of the unrolled step with fewer
+                   layers (`--config.compile_check.hf_config.num_hidden_layers=N`): 2.03 /
+                   2.40 / 5.26 GiB at 2 / 4 / 12 layers, 0.36 GiB per layer at depth; at the
                    peak (inside the micro-batch loop's backward) every layer's bf16
-                   all-gathered MLP and attention weights and an MLP activation are live,
-                   besides the two saved residual streams: the latency-hiding scheduler,
-                   given 48 unrolled layers, keeps them for overlap (the behaviour reported
-                   for unrolled layers in jax-ml/jax#20763). Lowering
-                   `--xla_tpu_scheduler_percent_shared_memory_limit` (60) changed nothing;
-                   turning the scheduler off fails to compile. The known fix is a scanned
-                   layer stack (one compiled layer body; MaxText's scan_layers).
+                   all-gathered MLP and attention weights and an MLP activation were live
+                   besides the saved residual streams: the latency-hiding scheduler keeps them
+                   across unrolled layers for overlap (as reported in jax-ml/jax#20763).
+                   Lowering `--xla_tpu_scheduler_percent_shared_memory_limit` (60) changed
+                   nothing; turning the scheduler off failed to compile; one scanned layer
+                   body fixes it.
   sampler_prefill  6.23 GiB: the engine admitting one context (prefill_contexts=1); 32 contexts
                    (one per batch shard) need 16.5 GiB with splash or chunked alike
   sampler_decode   8.44 GiB: a decode chunk over the 512 slots (5.1 GiB arguments: the donated
@@ -80,10 +79,10 @@ def get_config():
       ("length", None), ("cache_length", None), ("layers", None), ("norm", None))
   c.data.score_batch_size = 64  # a multiple of the 32-way batch split
 
-  # Dense attention for training and prefill: with the splash kernel this mesh's train step
-  # compiles to 17.9 GiB (over the 14.4 budget: the scheduler keeps per-layer weights live
-  # across 48 unrolled layers), with dense scores to 14.1 (see the docstring).
-  c.model.attention = "xla"
+  # Splash attention with the layers scanned: 11.2 GiB compiled. Unrolled, the scheduler keeps
+  # per-layer weights live across 48 layers: 17.9 GiB (over the 14.4 budget; see the docstring).
+  c.model.attention = "splash"
+  c.model.scan_layers = True
   c.rl.rollout_micro_batch = 64  # 512 decode slots
   # One context per admission, its prefill repeated on every batch shard: admitting 32 (one per
   # shard) does not compile within 16 GiB (16.5 GiB: the cache insert over the two-axis batch

@@ -28,7 +28,8 @@ import jax
 import numpy as np
 
 from rpt_jax.data.pipeline import PromptBatch
-from rpt_jax.rl.engine import GroupRollouts
+from rpt_jax.rl.engine import GroupRollouts, SlotEngine
+from rpt_jax.rl.rpt_config import RPTConfig
 from rpt_jax.rl.sampler import SampleOutput
 
 
@@ -151,7 +152,7 @@ class OversampledRollouts:
   process's (tokens [R, N], lengths [R], done [R], logprobs [R, N]) with N = max_new_tokens.
   """
 
-  def __init__(self, sampler, config, *, pad_id: int, stop_ids: Sequence[int],
+  def __init__(self, sampler: SlotEngine, config: RPTConfig, *, pad_id: int, stop_ids: Sequence[int],
                rows: Sequence[int], whole: Callable[[PromptBatch], PromptBatch],
                local_rollouts: Callable[[SampleOutput], tuple[np.ndarray, ...]]):
     self.sampler, self.config = sampler, config

@@ -3,18 +3,33 @@
 Run:  python benchmarks/rpt_step.py --preset a            # the sampler workload (~1-2 min CPU)
       python benchmarks/rpt_step.py --preset b --steps 2  # ~100M parameters (slow on CPU)
       python benchmarks/rpt_step.py --long-tail --steps 1  # long-tail rollouts, both engines
+      python benchmarks/rpt_step.py --long-tail --oversample 4 --partial  # and over-sampling
 
 Long-tail preset (`--long-tail`): RPT's response-length shape at 1/8 scale through the same
 loop: max_new_tokens 512 and per-row budgets from a log-normal with sigma 1 and mean 64 (numpy
-seed = the sampler call's index, so both runs see the same budgets), as
-benchmarks/rollout_long_tail.py. The loop runs twice on the same data and initial weights,
-rollouts from the static `Sampler` (micro-batch = all contexts) and from the `SlotEngine`
-(--slots decode slots), and prints both rollout times. The trainer is untouched: its
-`sampler` is replaced by a stand-in that draws the budgets (the trainer itself passes one
-max_new_tokens to every row).
-  Measured (`--long-tail --steps 1 --contexts 8 --slots 32`, 64 rows, same load as below):
-  rollout static 30.1 s, SlotEngine 5.6 s (5.4x); train step 171 / 68 s (the same work: the
-  spread is the load).
+seed = the context's id, loader context n*B + r, so every run gives a context the same
+budgets), as benchmarks/rollout_long_tail.py. The loop runs on the same data and initial weights
+with rollouts from the static `Sampler` (micro-batch = all contexts), from the `SlotEngine`
+(--slots decode slots) and, with --oversample O, from the SlotEngine over-sampling
+(rl.oversample_contexts O: B + O contexts offered, the first B whole groups kept, the rest
+dropped) and with --partial once more carrying the unfinished rows into the next step
+(rl.partial_rollouts). It prints per step: rollout and train seconds, the tokens of the rows
+kept, slot utilization (generated tokens / (slots x decode steps)), staleness (policy versions
+a kept group lags) and contexts dropped / carried. Over-sampling keeps the groups that finish
+first, so its kept rows are shorter than the plain engine's: read rollout seconds next to kept
+tokens. The trainer is untouched: its `sampler` is replaced by a stand-in that draws the
+budgets (the trainer itself passes one max_new_tokens to every row).
+  Measured (`--long-tail --steps 2 --contexts 8 --slots 32 --oversample 4 --partial`, 64 rows
+  per step, preset (a), fp32 CPU; a shared 2-core machine loaded by other jobs (load average
+  2-7), so read ratios, not seconds; one 33-min run, peak RSS 5.6 GB), per step:
+    rollout engine          rollout s  kept tokens  slot util  staleness mean/max  dropped/carried
+    static Sampler              10.99         3726          -          0 / 0             0 / 0
+    SlotEngine (32 slots)        5.62         3726      43.5%          0 / 0             0 / 0
+      over-sampled +4            4.72         3625      76.3%          0 / 0             4 / 0
+      over-sampled +4, partial   6.79         4134      85.4%       0.75 / 1             0 / 7
+  Over-sampling cut rollout time 1.19x at 97% of the kept tokens (768 vs 663 kept tok/s, 1.16x);
+  partial rollouts used the slots best but kept more tokens per step (carried long rows come
+  back) and took 0.83x the engine's time (609 kept tok/s). Train step 59-65 s in every run.
 
 Workloads (random-init Qwen2 policies, 16 contexts x G=8 rollouts, 256-token prompts, 64-token
 responses, temperature 0.8, no early stop):
@@ -91,6 +106,9 @@ PRESETS = {
               num_heads=8, num_kv_heads=2, head_dim=32, tie_word_embeddings=False),
     "b": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12,
               num_heads=12, num_kv_heads=4, head_dim=64, tie_word_embeddings=True),
+    # The smoke test's (tests/test_benchmarks.py): seconds, more ids than the tokenizer's pieces.
+    "smoke": dict(vocab_size=1024, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=False),
 }
 
 
@@ -111,21 +129,52 @@ class WideVocabTokenizer:
 
 
 class LongTailRollouts:
-  """Stands in for `RPTTrainer.sampler`: every call draws per-row budgets (log-normal, sigma 1,
-  `mean`, capped at the trainer's max_new_tokens, seed = call index) and generates with
-  `sampler` (a static Sampler with the trainer's micro-batch, or a SlotEngine)."""
+  """Stands in for `RPTTrainer.sampler`: every call draws per-row budgets and generates with
+  `sampler` (a static Sampler with the trainer's micro-batch, or a SlotEngine). A context's G
+  budgets are log-normal (sigma 1, `mean`, capped at the trainer's max_new_tokens) with numpy
+  seed = its context id, loader context n*B + r (the over-sampled loop's ids; `generate`
+  numbers its calls' contexts the same way), so a context has the same budgets in every run.
+  Records per call: slot utilization (engine) and the tokens of the rows returned."""
 
   def __init__(self, sampler, mean: float):
-    self.sampler, self.mean, self.calls = sampler, mean, 0
+    self.sampler, self.mean, self.contexts = sampler, mean, 0
+    self.utilization: list[float] = []
+    self.kept_tokens: list[int] = []
+
+  def __getattr__(self, name):  # slots, last_stats, drop_partial of the engine
+    return getattr(self.sampler, name)
+
+  def _budgets(self, context_ids, g: int, cap: int) -> np.ndarray:
+    return np.concatenate([budgets_lognormal(g, self.mean, 1.0, cap, seed=int(i))
+                           for i in context_ids])
+
+  def _record(self, output) -> None:
+    if isinstance(self.sampler, SlotEngine):
+      stats = self.sampler.last_stats
+      self.utilization.append(stats["tokens"] / max(self.sampler.slots * stats["decode_steps"], 1))
+    self.kept_tokens.append(int(np.asarray(output.lengths).sum()))
 
   def generate(self, tokens, lengths, *, num_samples, max_new_tokens, micro_batch=None, **kw):
-    budgets = budgets_lognormal(np.shape(tokens)[0] * num_samples, self.mean, 1.0,
-                                max_new_tokens, seed=self.calls)
-    self.calls += 1
+    b = np.shape(tokens)[0]
+    budgets = self._budgets(range(self.contexts, self.contexts + b), num_samples,
+                            max_new_tokens)
+    self.contexts += b
     if not isinstance(self.sampler, SlotEngine):
       kw["micro_batch"] = micro_batch
-    return self.sampler.generate(tokens, lengths, num_samples=num_samples,
-                                 max_new_tokens=budgets, cache_tokens=max_new_tokens, **kw)
+    out = self.sampler.generate(tokens, lengths, num_samples=num_samples,
+                                max_new_tokens=budgets, cache_tokens=max_new_tokens, **kw)
+    self._record(out)
+    return out
+
+  def generate_groups(self, tokens, lengths, *, num_samples, max_new_tokens, context_ids,
+                      cache_tokens=None, **kw):
+    """The over-sampled loop's call; the cache keeps max_new_tokens (as `generate`'s)."""
+    out = self.sampler.generate_groups(
+        tokens, lengths, num_samples=num_samples, context_ids=context_ids,
+        max_new_tokens=self._budgets(context_ids, num_samples, max_new_tokens),
+        cache_tokens=cache_tokens or max_new_tokens, **kw)
+    self._record(out.output)
+    return out
 
 
 def build_records(workdir: str, model, tokenizer, mesh, *, contexts: int, steps: int,
@@ -152,9 +201,11 @@ def build_records(workdir: str, model, tokenizer, mesh, *, contexts: int, steps:
 
 def run(preset: str, steps: int, *, contexts: int, generations: int, prompt_len: int,
         new_tokens: int, train_micro: int, compute_dtype: str, workdir: str,
-        long_tail: str | None = None, slots: int = 32, mean: float = 64.0) -> dict:
+        long_tail: str | None = None, slots: int = 32, mean: float = 64.0,
+        oversample: int = 0, partial: bool = False) -> dict:
   """One timed loop. long_tail: None (every row runs new_tokens), 'static' or 'engine'
-  (per-row long-tail budgets, see LongTailRollouts)."""
+  (per-row long-tail budgets, see LongTailRollouts). oversample, partial: the engine loop's
+  rl.oversample_contexts and rl.partial_rollouts."""
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, fsdp=-1, tensor=1))
   rules = mesh_lib.ShardingRules()
   docs = list(synthetic.synthetic_documents(synthetic.SyntheticConfig(num_documents=2000)))
@@ -176,7 +227,9 @@ def run(preset: str, steps: int, *, contexts: int, generations: int, prompt_len:
   c = base.get_config()
   c.rl.update(batch_contexts=contexts, num_generations=generations, max_new_tokens=new_tokens,
               rollout_micro_batch=contexts, train_micro_batch=train_micro,
-              dynamic_sampling_from_step=10 ** 9)
+              dynamic_sampling_from_step=10 ** 9, decode_slots=slots,
+              oversample_contexts=oversample, partial_rollouts=partial)
+  c.data.prompt_buckets = (prompt_len,)  # rl.prompt_width: partial rollouts pad to it
   c.train.update(steps=steps + 1, checkpoint_every=1, log_every=1)
   trainer = RPTTrainer(model, tokenizer, RunSpec.from_config(c).rpt, mesh=mesh, rules=rules,
                        workdir=os.path.join(workdir, "run"), keep_checkpoints=2,
@@ -199,7 +252,10 @@ def run(preset: str, steps: int, *, contexts: int, generations: int, prompt_len:
                 SlotEngine(model, decode_slots=slots, mesh=mesh, rules=rules,
                            pad_id=tokenizer.pad_id))
     trainer.sampler = LongTailRollouts(rollouts, mean)
-  trainer.sampler.generate = timed(trainer.sampler.generate, "generate")
+    if trainer.oversampled is not None:
+      trainer.oversampled.sampler = trainer.sampler
+  method = "generate" if trainer.oversampled is None else "generate_groups"
+  setattr(trainer.sampler, method, timed(getattr(trainer.sampler, method), "generate"))
   trainer.train_step = timed(trainer.train_step, "train_step")
   per_step, stamps = [], [time.perf_counter()]
 
@@ -218,7 +274,17 @@ def run(preset: str, steps: int, *, contexts: int, generations: int, prompt_len:
         data=m["time/data"], rollout=m["time/rollout"], reward=m["time/reward"],
         train=m["time/train"], checkpoint=per_step[i - 1].get("time/checkpoint", 0.0),
         wall=walls[i], generate=device["generate"][i], train_step=device["train_step"][i]))
+    if long_tail:
+      rows[-1].update(kept_tokens=trainer.sampler.kept_tokens[i],
+                      staleness_mean=m.get("rollout/staleness_mean", 0.0),
+                      staleness_max=m.get("rollout/staleness_max", 0.0),
+                      dropped=m.get("rollout/contexts_dropped", 0.0),
+                      carried=m.get("rollout/contexts_carried", 0.0))
+      if long_tail == "engine":
+        rows[-1]["utilization"] = trainer.sampler.utilization[i]
   mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+  if "staleness_max" in mean:
+    mean["staleness_max"] = float(max(r["staleness_max"] for r in rows))
   mean["model"] = mean["generate"] + mean["train_step"]
   mean["overhead"] = mean["wall"] - mean["model"]
   params = sum(x.size for x in jax.tree.leaves(trainer.params()))
@@ -270,7 +336,15 @@ def main() -> None:
   p.add_argument("--long-tail", action="store_true",
                  help="long-tail budgets (cap --new-tokens 512, mean 64); static vs engine")
   p.add_argument("--slots", type=int, default=32, help="SlotEngine decode slots (--long-tail)")
+  p.add_argument("--oversample", type=int, default=0,
+                 help="--long-tail: also run the engine loop with rl.oversample_contexts N")
+  p.add_argument("--partial", action="store_true",
+                 help="--long-tail --oversample: and once more with rl.partial_rollouts")
   args = p.parse_args()
+  if (args.oversample or args.partial) and not args.long_tail:
+    p.error("--oversample and --partial run with --long-tail only; add --long-tail.")
+  if args.partial and not args.oversample:
+    p.error("--partial carries rows over-sampling left unfinished; add --oversample N.")
   if args.long_tail:
     long_tail_main(args)
     return
@@ -292,36 +366,61 @@ def main() -> None:
 
 
 def long_tail_main(args) -> None:
-  """Both rollout engines through the RPT loop on the long-tail budgets; prints rollout times."""
+  """The rollout engines through the RPT loop on the long-tail budgets, on the same data and
+  initial weights: static, SlotEngine, and with --oversample the SlotEngine over-sampling (and
+  with --partial carrying partial rollouts too); prints rollout times, slot utilization and
+  staleness side by side."""
   args.new_tokens = args.new_tokens or 512
   args.compute_dtype = args.compute_dtype or (
       "float32" if jax.default_backend() == "cpu" else "bfloat16")
+  o = args.oversample
+  runs = {"static": ("static Sampler", dict(long_tail="static")),
+          "engine": (f"SlotEngine ({args.slots} slots)", dict(long_tail="engine"))}
+  if o:
+    runs["oversample"] = (f"  over-sampled +{o}", dict(long_tail="engine", oversample=o))
+  if o and args.partial:
+    runs["partial"] = (f"  over-sampled +{o}, partial",
+                       dict(long_tail="engine", oversample=o, partial=True))
   results = {}
-  for engine in ("static", "engine"):
+  for name, (_, kwargs) in runs.items():
     workdir = tempfile.mkdtemp(prefix="rpt_step_")
     try:
-      results[engine] = run(args.preset, args.steps, contexts=args.contexts,
-                            generations=args.generations, prompt_len=args.prompt_len,
-                            new_tokens=args.new_tokens,
-                            train_micro=min(args.train_micro, args.contexts),
-                            compute_dtype=args.compute_dtype, workdir=workdir,
-                            long_tail=engine, slots=args.slots)
+      results[name] = run(args.preset, args.steps, contexts=args.contexts,
+                          generations=args.generations, prompt_len=args.prompt_len,
+                          new_tokens=args.new_tokens,
+                          train_micro=min(args.train_micro, args.contexts),
+                          compute_dtype=args.compute_dtype, workdir=workdir, slots=args.slots,
+                          **kwargs)
     finally:
       shutil.rmtree(workdir, ignore_errors=True)
   print(f"\nRPT step, long-tail rollouts, preset ({args.preset}): {args.contexts} contexts x "
         f"G={args.generations}, {args.prompt_len}-token prompts, budgets log-normal mean 64 "
         f"sigma 1 cap {args.new_tokens}; mean of {results['static']['steps']} steps after the "
         f"compile step")
-  print(f"| {'rollout engine':<26} | {'rollout s':>9} | {'generate s':>10} | {'train s':>8} | "
-        f"{'step s':>7} |")
-  print(f"|{'-' * 28}|{'-' * 11}|{'-' * 12}|{'-' * 10}|{'-' * 9}|")
-  for name, label in (("static", "static Sampler"), ("engine", f"SlotEngine ({args.slots} slots)")):
+  print(f"| {'rollout engine':<30} | {'rollout s':>9} | {'generate s':>10} | {'train s':>8} | "
+        f"{'step s':>7} | {'kept tok':>8} | {'slot util':>9} | {'stale mean/max':>14} | "
+        f"{'dropped/carried':>15} |")
+  print(f"|{'-' * 32}|{'-' * 11}|{'-' * 12}|{'-' * 10}|{'-' * 9}|{'-' * 10}|{'-' * 11}|"
+        f"{'-' * 16}|{'-' * 17}|")
+  for name, (label, _) in runs.items():
     r = results[name]
-    print(f"| {label:<26} | {r['rollout']:9.2f} | {r['generate']:10.2f} | {r['train']:8.2f} | "
-          f"{r['wall']:7.2f} |")
-  print(f"rollout: engine {results['engine']['rollout']:.2f} s, static "
-        f"{results['static']['rollout']:.2f} s, "
-        f"{results['static']['rollout'] / results['engine']['rollout']:.2f}x faster")
+    util = f"{100 * r['utilization']:.1f}%" if "utilization" in r else "-"
+    print(f"| {label:<30} | {r['rollout']:9.2f} | {r['generate']:10.2f} | {r['train']:8.2f} | "
+          f"{r['wall']:7.2f} | {r['kept_tokens']:8.0f} | {util:>9} | "
+          f"{r['staleness_mean']:6.2f} / {r['staleness_max']:5.0f} | "
+          f"{r['dropped']:6.1f} / {r['carried']:6.1f} |")
+  engine = results["engine"]
+  print(f"rollout: engine {engine['rollout']:.2f} s, static {results['static']['rollout']:.2f} s, "
+        f"{results['static']['rollout'] / engine['rollout']:.2f}x faster")
+  for name in ("oversample", "partial"):
+    if name in results:
+      r = results[name]
+      print(f"over-sampled +{o}{', partial' if name == 'partial' else ''}: rollout "
+            f"{r['rollout']:.2f} s/step vs engine {engine['rollout']:.2f} s "
+            f"({engine['rollout'] / r['rollout']:.2f}x); slot utilization "
+            f"{100 * r['utilization']:.1f}% vs {100 * engine['utilization']:.1f}%; staleness "
+            f"mean {r['staleness_mean']:.2f} max {r['staleness_max']:.0f}; kept tokens/step "
+            f"{r['kept_tokens']:.0f} vs {engine['kept_tokens']:.0f}")
 
 
 if __name__ == "__main__":

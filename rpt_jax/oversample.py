@@ -1,5 +1,6 @@
-"""Over-sampled rollouts in the RPT loop (`rl.oversample_contexts`): the pool of contexts waiting
-for the rollout engine, and the per-step `rollout/*` metrics of its calls.
+"""Over-sampled rollouts in the RPT loop (`rl.oversample_contexts`): the call the loop makes each
+candidate batch (`OversampledRollouts`), the pool of contexts waiting for the rollout engine
+(`ContextPool`), and the per-step `rollout/*` metrics of its calls (`RolloutStats`).
 
 The pool holds whole global batches (every process's rows, gathered: the same pool on every
 process, so every process offers the engine the same contexts). Each context is keyed by its
@@ -21,12 +22,15 @@ batch after the last one pulled into the pool).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
+import jax
 import numpy as np
 
 from rpt_jax.data.pipeline import PromptBatch
-from rpt_jax.rl.engine import GroupRollouts
+from rpt_jax.rl.engine import GroupRollouts, SlotEngine
+from rpt_jax.rl.rpt_config import RPTConfig
+from rpt_jax.rl.sampler import SampleOutput
 
 
 def whole_batch(batch: PromptBatch, all_rows: Callable[[np.ndarray], np.ndarray]) -> PromptBatch:
@@ -135,3 +139,74 @@ class RolloutStats:
             "rollout/staleness_mean": total("staleness_sum") / max(total("groups"), 1.0),
             "rollout/staleness_max": max(c["staleness_max"] for c in self.calls),
             "rollout/slot_utilization": total("tokens") / max(total("slot_steps"), 1.0)}
+
+
+class OversampledRollouts:
+  """The RPT loop's over-sampled rollout call (`rl.oversample_contexts` > 0): owns the pool and
+  the step's `RolloutStats`, offers the engine B + O pooled contexts and returns the B whole
+  groups it finished first, as this process's rows.
+
+  sampler: the `SlotEngine`. rows: this process's rows of a [B] batch-sharded array
+  (`train.process_batch_rows`). whole: a loader batch -> every process's rows at one width
+  (`whole_batch` after `RPTTrainer._global_width`). local_rollouts: a SampleOutput -> this
+  process's (tokens [R, N], lengths [R], done [R], logprobs [R, N]) with N = max_new_tokens.
+  """
+
+  def __init__(self, sampler: SlotEngine, config: RPTConfig, *, pad_id: int, stop_ids: Sequence[int],
+               rows: Sequence[int], whole: Callable[[PromptBatch], PromptBatch],
+               local_rollouts: Callable[[SampleOutput], tuple[np.ndarray, ...]]):
+    self.sampler, self.config = sampler, config
+    self.pad_id, self.stop_ids, self.rows = pad_id, tuple(stop_ids), list(rows)
+    self.whole, self.local_rollouts = whole, local_rollouts
+    self.pool, self.stats = ContextPool(), RolloutStats()
+
+  def reset(self) -> None:
+    """After a restore: pooled and carried contexts are not checkpointed, so they start empty."""
+    self.pool = ContextPool()
+    self.sampler.drop_partial()
+
+  def start_step(self) -> None:
+    self.stats = RolloutStats()
+
+  def metrics(self) -> dict[str, float]:
+    """rollout/* of this step's calls (`RolloutStats.metrics`)."""
+    return self.stats.metrics(len(self.pool))
+
+  def top_up(self, data_iterator, data_batches: int) -> int:
+    """Pulls whole loader batches until the pool can offer B + O contexts; data_batches: loader
+    batches read before (batch n's row r is context n * B + r). Returns the batches pulled."""
+    b, pulled = self.config.batch_contexts, 0
+    while len(self.pool) < b + self.config.oversample_contexts:
+      self.pool.add(self.whole(next(data_iterator)), first_id=(data_batches + pulled) * b)
+      pulled += 1
+    return pulled
+
+  def rollout(self, params, *, step: int, rng: jax.Array, max_new_tokens: int):
+    """One over-sampled call under `params` (policy version `step`): (this process's
+    PromptBatch, tokens, lengths, done, old_logprobs or None), the step's B groups in the order
+    they finished. old_logprobs [R, N]: the engine's per-token log-probs of rows sampled partly
+    under older weights (with rl.partial_rollouts), NaN on on-policy rows."""
+    cfg, b, g = self.config, self.config.batch_contexts, self.config.num_generations
+    ids = self.pool.take(b + cfg.oversample_contexts)
+    # Carried rows continue only at the width and cache they started with.
+    width = cfg.prompt_width if cfg.partial_rollouts else self.pool.width(ids)
+    offered = self.pool.batch(ids, width, self.pad_id)
+    out = self.sampler.generate_groups(
+        offered.prompt_tokens, offered.prompt_lengths, num_samples=g,
+        max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+        top_p=cfg.top_p, eos_ids=self.stop_ids, rng=rng, params=params, groups_needed=b,
+        carry_over=cfg.partial_rollouts, policy_version=step, context_ids=ids,
+        cache_tokens=cfg.max_new_tokens if cfg.partial_rollouts else None)
+    self.pool.give_back(out.unstarted)
+    self.pool.discard(out.dropped)
+    self.stats.add(out, offered=len(ids), engine_stats=self.sampler.last_stats,
+                   slots=self.sampler.slots)
+    batch = self.pool.pop(out.context_ids, width, self.pad_id)  # Group k: global row k.
+    batch = PromptBatch(**{f.name: getattr(batch, f.name)[self.rows]
+                           for f in dataclasses.fields(batch)})
+    tokens, lengths, done, logprobs = self.local_rollouts(out.output)
+    old_logprobs = None
+    if cfg.partial_rollouts:  # NaN: an on-policy row (RolloutBatch.old_logprobs).
+      stale_R = np.repeat(out.staleness[self.rows] > 0, g)
+      old_logprobs = np.where(stale_R[:, None], logprobs, np.nan).astype(np.float32)
+    return batch, tokens, lengths, done, old_logprobs

@@ -18,17 +18,17 @@ A run is a pure function of (config, data, step): the rollout key is `fold_in(ro
 loader state is checkpointed with the parameters, so a resumed run logs the same numbers.
 
 Over-sampling (`rl.oversample_contexts` O > 0; off by default, the paper is exactly on-policy):
-every rollout call offers the engine B + O contexts from a `ContextPool` (whole global batches,
-topped up from the loader) and takes the first B whole groups to finish
-(`SlotEngine.generate_groups`); contexts it never started go back to the pool, rows still
-decoding are dropped or, with `rl.partial_rollouts`, continue in the next call under the new
-weights. The B returned groups are the candidate batch (scoring, dynamic sampling and the update
-as above); a group sampled partly under older weights (staleness > 0) enters the PPO ratio with
-the engine's per-token log-probs (`RolloutBatch.old_logprobs`), the others stay exactly
-on-policy. `rollout/*` metrics log kept, admitted, dropped, carried and unstarted contexts, the
-staleness and the engine's slot utilization. Pooled and carried contexts are not checkpointed:
-a resumed run continues at the loader batch after the last one pulled into the pool (those
-contexts are skipped, carried rows are lost).
+every rollout call (`rpt_jax.oversample.OversampledRollouts`) offers the engine B + O contexts
+from a `ContextPool` (whole global batches, topped up from the loader) and takes the first B
+whole groups to finish (`SlotEngine.generate_groups`); contexts it never started go back to the
+pool, rows still decoding are dropped or, with `rl.partial_rollouts`, continue in the next call
+under the new weights. The B returned groups are the candidate batch (scoring, dynamic sampling
+and the update as above); a group sampled partly under older weights (staleness > 0) enters the
+PPO ratio with the engine's per-token log-probs (`RolloutBatch.old_logprobs`), the others stay
+exactly on-policy. `rollout/*` metrics log kept, admitted, dropped, carried and unstarted
+contexts, the staleness and the engine's slot utilization. Pooled and carried contexts are not
+checkpointed: a resumed run continues at the loader batch after the last one pulled into the
+pool (those contexts are skipped, carried rows are lost).
 
 Several processes (multi-host): each process's loader reads the rows of every global batch that
 its devices hold under the batch sharding (`process_batch_rows`), rows go to device with
@@ -59,7 +59,7 @@ from rpt_jax import host_rows
 from rpt_jax import mesh as mesh_lib
 from rpt_jax.data.pipeline import PromptBatch
 from rpt_jax.metrics import MetricsWriter, to_float
-from rpt_jax.oversample import ContextPool, RolloutStats, whole_batch
+from rpt_jax.oversample import ContextPool, OversampledRollouts, whole_batch
 from rpt_jax.rl import advantages as advantages_lib
 from rpt_jax.rl.rpt_config import RPTConfig
 from rpt_jax.rl import dynamic_sampling, optim, prompts, update
@@ -156,8 +156,11 @@ class RPTTrainer:
     self.batch_sharding = NamedSharding(mesh, self.rules.spec(("batch",)))
     self.step = 0
     self.data_batches = 0  # Loader batches read so far: the data position in any layout.
-    self.pool = ContextPool() if config.oversample_contexts else None
-    self._rollout_stats = RolloutStats()  # this step's over-sampled calls
+    self.oversampled = None if not config.oversample_contexts else OversampledRollouts(
+        self.sampler, config, pad_id=tokenizer.pad_id, stop_ids=tokenizer.stop_ids,
+        rows=process_batch_rows(mesh, self.rules, config.batch_contexts),
+        whole=lambda batch: whole_batch(self._global_width(batch), self._all_rows),
+        local_rollouts=lambda out: self._local_rollouts(out, with_logprobs=True))
     self._checkpoint_seconds: float | None = None
     self._gather = jax.jit(dynamic_sampling.gather_groups, out_shardings=self.batch_sharding)
     self.scorer = RolloutScorer(
@@ -178,9 +181,8 @@ class RPTTrainer:
       return False
     step, self.state, data_state, extra = restored
     self.step = int(step)
-    if self.pool is not None:  # Pooled and carried contexts are not checkpointed.
-      self.pool = ContextPool()
-      self.sampler.drop_partial()
+    if self.oversampled is not None:  # Pooled and carried contexts are not checkpointed.
+      self.oversampled.reset()
     self.data_batches = int((extra or {}).get("data_batches", 0))
     if data_state is not None and self._set_loader_state(data_iterator, data_state):
       pass
@@ -212,6 +214,11 @@ class RPTTrainer:
 
   def params(self):
     return self.state.params
+
+  @property
+  def pool(self) -> ContextPool | None:
+    """Over-sampling's contexts waiting for the engine (None: over-sampling off)."""
+    return None if self.oversampled is None else self.oversampled.pool
 
   # -- one step ------------------------------------------------------------------------------------
 
@@ -284,46 +291,6 @@ class RPTTrainer:
     rows[0] = np.pad(rows[0], extra, constant_values=self.tokenizer.pad_id)
     return tuple(rows[:3]) + ((np.pad(rows[3], extra),) if with_logprobs else ())
 
-  # -- over-sampling -------------------------------------------------------------------------------
-
-  def _top_up(self, data_iterator) -> None:
-    """Pulls whole loader batches until the pool can offer B + O contexts."""
-    cfg = self.config
-    while len(self.pool) < cfg.batch_contexts + cfg.oversample_contexts:
-      batch = whole_batch(self._global_width(next(data_iterator)), self._all_rows)
-      self.pool.add(batch, first_id=self.data_batches * cfg.batch_contexts)
-      self.data_batches += 1
-
-  def rollout_groups(self, step: int, attempt: int):
-    """One over-sampled rollout call: (this process's PromptBatch, tokens, lengths, done,
-    old_logprobs or None), the step's B groups in the order they finished."""
-    cfg, b = self.config, self.config.batch_contexts
-    ids = self.pool.take(b + cfg.oversample_contexts)
-    # Carried rows continue only at the width and cache they started with.
-    width = cfg.prompt_width if cfg.partial_rollouts else self.pool.width(ids)
-    offered = self.pool.batch(ids, width, self.tokenizer.pad_id)
-    out = self.sampler.generate_groups(
-        offered.prompt_tokens, offered.prompt_lengths, num_samples=self.G,
-        max_new_tokens=self.budget(step), temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, eos_ids=tuple(self.tokenizer.stop_ids),
-        rng=self._rollout_key(step, attempt), params=self.state.params, groups_needed=b,
-        carry_over=cfg.partial_rollouts, policy_version=step, context_ids=ids,
-        cache_tokens=cfg.max_new_tokens if cfg.partial_rollouts else None)
-    self.pool.give_back(out.unstarted)
-    self.pool.discard(out.dropped)
-    self._rollout_stats.add(out, offered=len(ids), engine_stats=self.sampler.last_stats,
-                            slots=self.sampler.slots)
-    mine = process_batch_rows(self.mesh, self.rules, b)  # Group k is global context row k.
-    batch = self.pool.pop(out.context_ids, width, self.tokenizer.pad_id)
-    batch = PromptBatch(**{f.name: getattr(batch, f.name)[mine]
-                           for f in dataclasses.fields(batch)})
-    tokens, lengths, done, logprobs = self._local_rollouts(out.output, with_logprobs=True)
-    old_logprobs = None
-    if cfg.partial_rollouts:  # NaN: an on-policy row (RolloutBatch.old_logprobs).
-      stale_R = np.repeat(out.staleness[mine] > 0, self.G)
-      old_logprobs = np.where(stale_R[:, None], logprobs, np.nan).astype(np.float32)
-    return batch, tokens, lengths, done, old_logprobs
-
   def score(self, batch: PromptBatch, tokens: np.ndarray, lengths: np.ndarray,
             done: np.ndarray, step: int):
     """(rewards, objective scores) of this process's rows; a response's stop token is not part
@@ -340,7 +307,7 @@ class RPTTrainer:
     """One candidate rollout batch (this process's rows, numpy) and the scored rewards of all
     processes' rows (global order)."""
     old_logprobs = None
-    if self.pool is None:
+    if self.oversampled is None:
       with timer.phase("data"):
         batch = self._global_width(next(data_iterator))
         self.data_batches += 1
@@ -348,9 +315,11 @@ class RPTTrainer:
         tokens, lengths, done = self.rollout(batch, step, attempt)
     else:
       with timer.phase("data"):
-        self._top_up(data_iterator)
+        self.data_batches += self.oversampled.top_up(data_iterator, self.data_batches)
       with timer.phase("rollout"):
-        batch, tokens, lengths, done, old_logprobs = self.rollout_groups(step, attempt)
+        batch, tokens, lengths, done, old_logprobs = self.oversampled.rollout(
+            self.state.params, step=step, rng=self._rollout_key(step, attempt),
+            max_new_tokens=self.budget(step))
     with timer.phase("reward"):
       scored, parts = self.score(batch, tokens, lengths, done, step)
       advantages = advantages_lib.group_advantages(
@@ -399,7 +368,8 @@ class RPTTrainer:
 
   def run_step(self, data_iterator: Iterator[PromptBatch], writer: MetricsWriter | None) -> dict:
     cfg, step, timer = self.config, self.step, Timer()
-    self._rollout_stats = RolloutStats()
+    if self.oversampled is not None:
+      self.oversampled.start_step()
     candidates = self.gather_candidates(data_iterator, step, timer)
     scored = candidates[0][1]
     with timer.phase("train"):
@@ -411,8 +381,8 @@ class RPTTrainer:
                **{f"train/{k}": to_float(v) for k, v in train_metrics.items()},
                **(choice.metrics() if self.dynamic_sampling_active(step) else {}),
                **{f"time/{k}": v for k, v in timer.seconds.items()}}
-    if self.pool is not None:
-      metrics.update(self._rollout_stats.metrics(len(self.pool)))
+    if self.oversampled is not None:
+      metrics.update(self.oversampled.metrics())
     if cfg.objective.budget.active:
       metrics["train/thought_budget"] = float(self.budget(step))
     metrics["time/step"] = sum(timer.seconds.values())

@@ -23,6 +23,11 @@ SMOKE = {
     "prepare.py": (["--docs", "6", "--repeats", "1", "--hidden", "32", "--layers", "1",
                     "--vocab", "384", "--seq-len", "64", "--overlap", "16", "--batch", "8",
                     "--max-prompt-tokens", "32", "--lines", "4", "6"], "positions"),
+    # Four loops: static, engine, over-sampled, over-sampled with partial rollouts.
+    "rpt_step.py": (["--preset", "smoke", "--long-tail", "--steps", "1", "--contexts", "2",
+                     "--generations", "2", "--new-tokens", "64", "--slots", "4",
+                     "--train-micro", "2", "--oversample", "2", "--partial"],
+                    "over-sampled +2, partial: rollout"),
 }
 
 

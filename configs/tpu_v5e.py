@@ -45,8 +45,10 @@ runs it), per chip incl. the resident Adam state while sampling (budget 14.4 = 9
                    Lowering `--xla_tpu_scheduler_percent_shared_memory_limit` (60) changed
                    nothing; turning the scheduler off failed to compile; one scanned layer
                    body fixes it.
-  sampler_prefill  6.23 GiB: the engine admitting one context (prefill_contexts=1); 32 contexts
-                   (one per batch shard) need 16.5 GiB with splash or chunked alike
+  sampler_prefill  6.20 GiB (layers scanned; 6.23 unrolled): the engine admitting one context
+                   (prefill_contexts=1); 32 contexts (one per batch shard) needed 16.5 GiB
+                   with splash or chunked alike (the cache insert over the two-axis batch
+                   split is not partitioned)
   sampler_decode   8.44 GiB: a decode chunk over the 512 slots (5.1 GiB arguments: the donated
                    4.88 GiB slot cache + weights; 2.9 GiB temporaries; 0.4 GiB Adam).
 Host layout: each tensor group spans hosts, so several processes hold each batch shard (the

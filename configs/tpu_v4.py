@@ -55,9 +55,10 @@ Compiled for v4:4x4x4 (libtpu 0.0.42.1, one program per command: `TPU_SKIP_MDS_Q
 -m rpt_jax.compile_check --config=configs/tpu_v4.py --programs=train_step`, traced as the TPU
 runs it, splash attention), per chip incl. the resident Adam state while sampling (budget 28.8):
   train_step       15.16 GiB (23.5 with dense attention: the [8,191, 13,311] scores, their
-                   probabilities and gradients are gone); 17.23 with `model.scan_layers` (the
-                   stacked bf16 weight copy and its gradient outweigh what the scan saves on
-                   this 64-way split, unlike v5e's 256-way one), so v4 stays unrolled
+                   probabilities and gradients are gone); 17.23 with `model.scan_layers` (its stacked
+                   copy of the fp32 weights and that copy's gradient, ~0.9 GiB each on this
+                   64-way split, outweigh what the scan saves; 0.2 on v5e's 256-way split), so
+                   v4 stays unrolled
   sampler_prefill  13.46 GiB: the engine's admission of 16 contexts (one per batch shard) into
                    the slot cache: 10.6 GiB arguments (the donated 9.75 GiB cache + weights),
                    1.1 GiB temporaries, 1.7 GiB Adam

@@ -255,9 +255,12 @@ class SlotEngine(Sampler):
     while len(finished) < groups_needed:
       free = [s for s, occupant in enumerate(self._slot_group) if occupant is None]
       pending = []  # (groups, first-token outputs) of this visit's admissions
-      admitting = bool(queue) and len(free) >= g
-      # New rows reach at most position L + K - 1 in the chunk; their prefill writes [0, L).
-      self._fit_cache(l + n, min(l + self.chunk_steps, l + n) if admitting else 0, stats)
+      # This visit admits the queue's first len(free) // G contexts; a new row reaches position
+      # prompt + min(K, budget) - 1 in the chunk, and every prefill writes [0, L).
+      new_reach = max((int(lengths_B[i]) + min(self.chunk_steps, int(budgets_R[i * g:(i + 1) * g]
+                                                                      .max()))
+                       for i in queue[:len(free) // g]), default=0)
+      self._fit_cache(l + n, max(new_reach, l if queue else 0), stats)
       while queue and len(free) >= g:
         take = [queue.pop(0) for _ in range(min(self.prefill_contexts, len(free) // g,
                                                 len(queue)))]
@@ -270,7 +273,6 @@ class SlotEngine(Sampler):
       if not live:
         break
       min_free = g * min(self.prefill_contexts, len(queue)) if queue else self.slots + 1
-      self._fit_cache(l + n, 0, stats)
       chunk = self.programs.chunk(self.slots, self._cache_len, self.chunk_steps, method, eos)
       self._state, tokens_KS, logprobs_KS, steps, count_S, live_S = chunk(
           params, self._state, jnp.int32(min_free))
@@ -304,9 +306,9 @@ class SlotEngine(Sampler):
 
   def _fit_cache(self, cache_len: int, new_reach: int, stats: dict) -> None:
     """With `live_prefix`, resizes the slot cache to the positions the next chunk can touch:
-    every live row's next K positions (capped at its budget) and `new_reach` for rows about to
-    be admitted, rounded up to a multiple of cache_len / LIVE_PREFIXES. Row r's token t sits
-    at position prompt_len_r + t - 1 once fed."""
+    every live row's next K positions (capped at its budget) and `new_reach` (rows about to be
+    admitted, and the padded prompt width while contexts wait), rounded up to a multiple of
+    cache_len / LIVE_PREFIXES. Row r's token t sits at position prompt_len_r + t - 1 once fed."""
     if not self.live_prefix:
       return
     live = np.asarray([o is not None for o in self._slot_group])

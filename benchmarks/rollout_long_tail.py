@@ -29,17 +29,18 @@ The LAST line is:
   python benchmarks/rollout_long_tail.py                 # full size (~30 min on 2 loaded cores)
   python benchmarks/rollout_long_tail.py --smoke         # tiny shapes, seconds (the test)
 
-Measured (full size, 2-core VM, other jobs paused; jax 0.10.2, transformers 5.24, fp32;
-125,302 tokens, max budget 512; `--static-micro 1 --hf-contexts 0`):
-  static micro-batch 1: 774 tok/s (45,227 decode steps, utilization 34.1%); micro-batch 2 and 4
+Measured (full size, 2-core VM, nothing else running; jax 0.10.2, transformers 5.24, fp32;
+125,302 tokens, max budget 512; `--static-micro 1 --hf-contexts 0`, ~4 min):
+  static micro-batch 1: 828 tok/s (45,227 decode steps, utilization 34.1%); micro-batch 2 and 4
   ran slower in an earlier full run taken while niced jobs shared the cores (398 and 309 tok/s
   against 565 for micro-batch 1): micro-batch 1 is the best static one;
-  engine, 128 slots: 5,354 tok/s, 1,014 steps, utilization 95.0% (host scheduling 3.7% of the
-  run; 10 slot-cache resizes); fixed-length 64: 6,758 tok/s (engine / fixed-length 79%; with
-  the long-tail run's cache 77%); HF continuous batching (4 contexts, that earlier loaded run):
+  engine, 128 slots: 5,852 tok/s, 1,014 steps, utilization 95.0% (host scheduling 3.3% of the
+  run; 10 slot-cache resizes); fixed-length 64: 7,319 tok/s (engine / fixed-length 80%; with
+  the long-tail run's cache 94%); HF continuous batching (4 contexts, that earlier loaded run):
   18 tok/s. Before the slot cache followed the live length (each chunk read a slice of the
-  whole cache, materialised every step by XLA:CPU): engine 3,578, fixed-length 5,491 (65%).
-  long-tail: engine 5354 tok/s, static 774 tok/s, 6.92x; utilization 95.0%; fixed-length 6758 tok/s
+  whole cache, materialised every step by XLA:CPU), a quiet run gave engine 3,578, fixed-length
+  5,491 (65%).
+  long-tail: engine 5852 tok/s, static 828 tok/s, 7.06x; utilization 95.0%; fixed-length 7319 tok/s
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@
 
 Where the scheduling runs: on the host, between decode chunks. Measured with
 benchmarks/rollout_long_tail.py (model (a) of benchmarks/sampler.py, 2,048 rows with
-long-tail budgets, 128 slots, cache up to 640; quiet 2-core CPU): 242 host visits took 0.85 s
-of the 23.4 s run (3.7%; 3.5 ms per visit: read the [K, S] tokens, retire rows, dispatch admit
-+ chunk) against a 23 ms decode step. Scheduling on device (prefill and insert inside the
+long-tail budgets, 128 slots, cache up to 640; idle 2-core CPU): 242 host visits took 0.71 s
+of the 21.4 s run (3.3%; 2.9 ms per visit: read the [K, S] tokens, retire rows, dispatch admit
++ chunk) against a 21 ms decode step. Scheduling on device (prefill and insert inside the
 decode loop, a `lax.cond` over a second program shape every step) could win back at most those
-3.7%, so the host does it. The early exit on `min_free` keeps host visits to when a refill is possible:
+3.3%, so the host does it. The early exit on `min_free` keeps host visits to when a refill is possible:
 a freed slot idles only until G slots are free (utilization 95% on that workload; 94-95% in a
 simulation for 64-256 slots, longest-budget-first; 56-86% first-come).
 

@@ -247,13 +247,12 @@ class SlotPrograms:
     def resize(state):
       return state.replace(cache=jax.tree.map(fit, state.cache))
 
-    shardings = (None, None)
-    if o.mesh is not None:
-      shardings = ((self.state_shardings(slots, from_len),),
-                   self.state_shardings(slots, to_len))
     # Not donated: the cache cannot be reused at another length (the old one is freed on return).
-    fn = (jax.jit(resize) if o.mesh is None else
-          jax.jit(resize, in_shardings=shardings[0], out_shardings=shardings[1]))
+    if o.mesh is None:
+      fn = jax.jit(resize)
+    else:
+      fn = jax.jit(resize, in_shardings=(self.state_shardings(slots, from_len),),
+                   out_shardings=self.state_shardings(slots, to_len))
     o._fns[key] = fn
     return fn
 

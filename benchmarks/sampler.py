@@ -23,14 +23,13 @@ Measured (2-core AMD EPYC VM shared with other jobs, load 5-7; jax 0.10.2, torch
       prefill 0.40 s vs per-row 3.03 s (7.7x); decode step 22.6 ms, 13-31% of roofline.
   (b) ours 837 tok/s, per-row 354, no-cache 9, HF 50 (16.9x); prefill 1.5 s vs 14.6 s (9.5x);
       decode step 131 ms, 24% of roofline.
-Quiet machine (other jobs paused), (a) with --skip-hf: ours 4,832 tok/s, shared prefill 7.5x
-cheaper; static decode step 23.0 ms, 35% of roofline; engine decode step 19.2 ms, 39% (8.1 /
-7.5 ms roofline, compute-bound). The same loop with a 16-position cache runs 12.7 ms a step
-(the matmuls at ~60% of the measured peak); over 320 positions 21.6 ms: the dense attention
-reads the KV cache at ~9 GB/s of the ~25 GB/s measured.
-Most of a CPU decode step beyond the matmuls is the model's attention over the [B, S, KVH, Dh]
-cache (XLA:CPU copies it to [B, KVH, S, Dh] for its batched dot every step); see the sampler
-module docstring.
+Idle machine, (a) with --skip-hf: ours 5,287 tok/s, shared prefill 6.3x cheaper; static decode
+step 21.6 ms, 40% of roofline; engine decode step 18.5 ms, 39% (7.2 ms roofline, compute-bound
+at the measured 202 GFLOP/s). Sampling is ~0.8 ms of the engine's step (greedy 19.1 vs 19.9 ms
+in a one-off run); with a 16-position cache the step runs 11-12.7 ms (the matmuls at ~60% of the
+measured peak); the rest is the dense attention over the [B, KVH, S, Dh] cache, ~1.5 ms per
+layer at 320 positions (K and V read at ~14 GB/s of the ~25 measured; the fastest of six
+multiply-reduce / batched-dot / transposed formulations tried).
 """
 
 from __future__ import annotations

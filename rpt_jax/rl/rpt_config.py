@@ -87,7 +87,8 @@ class RPTConfig:
                        "set rl.oversample_contexts >= 1 or rl.partial_rollouts=False.")
     if self.partial_rollouts and self.prompt_width < 1:
       raise ValueError(f"prompt_width={self.prompt_width}: rl.partial_rollouts=True pads every "
-                       "prompt to one width; set it to the widest of data.prompt_buckets.")
+                       "prompt to one width, the widest of data.prompt_buckets; give "
+                       "data.prompt_buckets at least one positive length.")
     if self.steps < 0 or self.dynamic_sampling_from_step < 0:
       raise ValueError(f"train.steps={self.steps} / rl.dynamic_sampling_from_step="
                        f"{self.dynamic_sampling_from_step} must be >= 0.")

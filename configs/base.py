@@ -132,9 +132,10 @@ def get_config() -> ml_collections.ConfigDict:
       max_positions=200, num_samples=1, pass_k=(1,), temperature=0.8, batch_contexts=32))
 
   # --mode=study (rpt_jax.study): evaluations along RPT for the scaling fit, and the filters the
-  # ablation trains with the same RL budget.
+  # ablation trains with the same RL budget; each study evaluation samples eval_samples answers
+  # per position and compares their mean reward (a quarter of one answer's sampling variance).
   c.study = ml_collections.ConfigDict(dict(
-      eval_points=6, filters=("entropy", "proxy_miss", "random", "all")))
+      eval_points=6, filters=("entropy", "proxy_miss", "random", "all"), eval_samples=4))
 
   # Multi-host start-up (TPU discovers these itself; set them for multi-process CPU/GPU).
   c.distributed = ml_collections.ConfigDict(dict(

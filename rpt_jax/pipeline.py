@@ -245,11 +245,11 @@ class Run:
     return study.run_study(self, self.spec.study)
 
   def filter_run(self, filter_name: str, workdir: str, records_dir: str | None = None,
-                 **prepare_overrides) -> "Run":
+                 eval_samples: int | None = None, **prepare_overrides) -> "Run":
     """This run's policy and budget with position filter `filter_name`, in `workdir`: its
     tokenizer and pretrained policy are this run's (linked), its records `records_dir` or its
     own (prepared with `prepare_overrides` of PrepareConfig fields), its RL checkpoints, metrics
-    and evaluations its own."""
+    and evaluations its own (`eval_samples` sampled answers per position, if given)."""
     os.makedirs(workdir, exist_ok=True)
     for name in ("tokenizer", "pretrain"):
       link = os.path.join(workdir, name)
@@ -259,6 +259,9 @@ class Run:
         self.spec, prepare=dataclasses.replace(self.spec.prepare, filter=filter_name,
                                                **prepare_overrides),
         records_dir=records_dir or "")
+    if eval_samples is not None:
+      spec = dataclasses.replace(spec, eval=dataclasses.replace(
+          spec.eval, num_samples=eval_samples, pass_k=(1,)))
     return Run(spec, workdir, progress=self.progress)
 
   def run_all(self) -> str:

@@ -266,7 +266,8 @@ class RunSpec:
     st = c.get("study") or {}
     study = _section("study", lambda: StudyConfig(
         eval_points=st.get("eval_points", 6),
-        filters=tuple(st.get("filters", StudyConfig.filters))))
+        filters=tuple(st.get("filters", StudyConfig.filters)),
+        eval_samples=st.get("eval_samples", StudyConfig.eval_samples)))
     target = c.get("compile_check")
     target = dict(target.to_dict() if isinstance(target, ml_collections.ConfigDict)
                   else (target or {}))

@@ -36,20 +36,31 @@ from rpt_jax import report as report_lib
 from rpt_jax import scaling
 
 
+# What the curve and the ablation read: the mean reward of `eval_samples` sampled answers per
+# position, the same expectation as the accuracy of one sampled answer (the paper's metric) with
+# 1/eval_samples of its sampling variance.
+METRIC = "reasoning_mean_reward"
+
+
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
   """eval_points: evaluations along the RPT run (>= 3 to fit the scaling law; the paper's
   curve has ~6+). filters: position filters of the ablation (`rpt_jax.data.filtering.FILTERS`),
-  each trained for the same RL steps."""
+  each trained for the same RL steps. eval_samples: answers sampled per held-out position at
+  every study evaluation (the curve's points and each filter's final one); their mean reward
+  (`METRIC`) is what the fit and the ablation compare."""
 
   eval_points: int = 6
   filters: tuple[str, ...] = ("entropy", "proxy_miss", "random", "all")
+  eval_samples: int = 4
 
   def __post_init__(self):
     object.__setattr__(self, "filters", tuple(self.filters))
     if self.eval_points < 3:
       raise ValueError(f"study.eval_points={self.eval_points} must be >= 3 (the scaling law "
                        "has 3 parameters).")
+    if self.eval_samples < 1:
+      raise ValueError(f"study.eval_samples={self.eval_samples} must be >= 1.")
     from rpt_jax.data import filtering  # pylint: disable=g-import-not-at-top
     unknown = [f for f in self.filters if f not in filtering.FILTERS]
     if unknown or not self.filters or len(set(self.filters)) != len(self.filters):
@@ -126,7 +137,8 @@ def run_study(run, config: StudyConfig) -> str:
   for name in filters:
     # Every filter gets its own records without the per-document cap: a cap that every filter
     # reaches would make them all keep the same positions' count from the same documents.
-    sub = run.filter_run(name, os.path.join(out_dir, name), max_positions_per_document=None)
+    sub = run.filter_run(name, os.path.join(out_dir, name), max_positions_per_document=None,
+                         eval_samples=config.eval_samples)
     sub.prepare()
     labels = {s: f"step_{s}" for s in schedule} if name == main_filter else {}
 
@@ -147,14 +159,15 @@ def run_study(run, config: StudyConfig) -> str:
       compute = cumulative_flops(per_step, schedule)
       curve = [(c, sub._read_eval(labels[s])["report"])  # pylint: disable=protected-access
                for c, s in zip(compute, schedule)]
-  fits = scaling.scaling_report(curve, out_dir)
+  fits = scaling.scaling_report(curve, out_dir, metric=METRIC)
   after = finals[main_filter]
   plot = report_lib.plot_report({"before RPT": before["report"], "after RPT": after["report"]},
                                 os.path.join(out_dir, "before_after.png"))
   ablation = {name: {"train_positions": _train_positions(run, name, out_dir),
                      "rl_flops": flops[name], "report": finals[name]["report"]}
               for name in filters}
-  study = {"steps": steps, "schedule": list(schedule), "before": before, "after": after,
+  study = {"steps": steps, "schedule": list(schedule), "eval_samples": config.eval_samples,
+           "metric": METRIC, "before": before, "after": after,
            "curve": [{"compute": c, "step": s, "report": r} for (c, r), s in zip(curve, schedule)],
            "scaling": fits, "ablation": ablation}
   report_lib.write_report(study, out_dir, "study")
@@ -188,10 +201,10 @@ def study_markdown(study: dict[str, Any], main_filter: str, scaling_png: str,
   head = "| | " + " | ".join(f"{s} (n={after[s]['num_positions']})" for s in splits) + " |"
   rule = "|---|" + "---|" * len(splits)
   rows = [("standard next-token prediction (argmax), before RPT", before, "standard_accuracy"),
-          ("next-token reasoning, before RPT", before, "reasoning_accuracy"),
+          ("next-token reasoning, before RPT", before, METRIC),
           ("standard next-token prediction (argmax), after RPT", after, "standard_accuracy"),
           (f"next-token reasoning, after RPT ({study['steps']} steps)", after,
-           "reasoning_accuracy")]
+           METRIC)]
   lines = ["# RPT study", "", "Accuracy (%) on held-out positions (the paper's Table 1 shape):",
            "", head, rule]
   lines += [f"| {name} | " + " | ".join(_cell(r[s].get(key)) for s in splits) + " |"
@@ -199,7 +212,8 @@ def study_markdown(study: dict[str, Any], main_filter: str, scaling_png: str,
   lines += ["", f"![before and after RPT]({before_after_png})", "",
             "## Scaling: P(C) = A / C^alpha + P*", "",
             f"Next-token-reasoning accuracy at RL steps {study['schedule']} against cumulative "
-            "RL training FLOPs (`rpt_jax.scaling`):", "",
+            "RL training FLOPs (`rpt_jax.scaling`), each point the mean reward of "
+            f"{study['eval_samples']} sampled answers per position:", "",
             "| split | points | A | alpha | P* | R^2 |", "|---|---|---|---|---|---|"]
   for split in splits:
     fit = study["scaling"].get(split, {})
@@ -211,18 +225,20 @@ def study_markdown(study: dict[str, Any], main_filter: str, scaling_png: str,
   lines += ["", "| step | compute (FLOPs) | " + " | ".join(splits) + " |",
             "|---|---|" + "---|" * len(splits)]
   lines += [f"| {p['step']} | {p['compute']:.3g} | " + " | ".join(
-      _cell(p["report"][s].get("reasoning_accuracy")) for s in splits) + " |"
+      _cell(p["report"][s].get(METRIC)) for s in splits) + " |"
             for p in study["curve"]]
   if scaling_png:
     lines += ["", f"![scaling]({scaling_png})"]
   lines += ["", f"## Position filters at equal RL compute ({study['steps']} steps each)", "",
-            "Next-token-reasoning accuracy (%) on the same held-out positions:", "",
+            "Next-token-reasoning accuracy (%, the mean reward of "
+            f"{study['eval_samples']} sampled answers per position) on the same held-out "
+            "positions:", "",
             "| filter | training positions | RL FLOPs | " + " | ".join(splits) + " |",
             "|---|---|---|" + "---|" * len(splits)]
   for name, a in study["ablation"].items():
     mark = " (the run's)" if name == main_filter else ""
     lines.append(f"| {name}{mark} | {a['train_positions']} | {a['rl_flops']:.3g} | " + " | ".join(
-        _cell(a["report"][s].get("reasoning_accuracy")) for s in splits) + " |")
+        _cell(a["report"][s].get(METRIC)) for s in splits) + " |")
   if "breakdown" in study["after"]:
     lines += ["", "## Where reasoning helps", "",
               report_lib.breakdown_table(study["before"].get("breakdown", {}),

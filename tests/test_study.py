@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import micro_run
+from rpt_jax import scaling
 from rpt_jax import study
 
 
@@ -38,7 +39,7 @@ def test_study_mode_writes_the_report_on_the_micro_config(tmp_path_factory):
   config = micro_run.write_config(
       str(tmp_path_factory.mktemp("config") / "study.py"),
       {"train.steps": steps, "train.checkpoint_every": 2, "study.eval_points": 3,
-       "study.filters": ("entropy", "random")})
+       "study.filters": ("entropy", "random"), "study.eval_samples": 2})
   workdir = micro_run.prepared_workdir(tmp_path_factory, "study")
   proc = micro_run.run_main(config, workdir, "--mode=study", timeout=1800)
   out = os.path.join(workdir, "study")
@@ -53,6 +54,16 @@ def test_study_mode_writes_the_report_on_the_micro_config(tmp_path_factory):
   for p in curve:  # each point is the evaluation written at that step
     with open(os.path.join(out, "entropy", "eval", f"step_{p['step']}.json")) as f:
       assert json.load(f)["report"] == p["report"]
+    # Two sampled answers per position, each rewarded 0 or 1: the mean reward is k / (2 n).
+    n = p["report"]["all"]["num_positions"]
+    halves = p["report"]["all"]["reasoning_mean_reward"] / 100 * 2 * n
+    assert abs(halves - round(halves)) < 1e-6
+  assert result["eval_samples"] == 2 and result["metric"] == "reasoning_mean_reward"
+  for split, fit in result["scaling"].items():  # the fit reads the curve's mean rewards
+    if split != "plot" and "r2" in fit:
+      ref = scaling.fit_scaling_law(computes, [p["report"][split]["reasoning_mean_reward"]
+                                               for p in curve])
+      assert fit["r2"] == pytest.approx(ref.r2, abs=1e-9)
   assert set(result["ablation"]) == {"entropy", "random"}
   sizes = {f: a["report"]["all"]["num_positions"] for f, a in result["ablation"].items()}
   assert len(set(sizes.values())) == 1  # every filter evaluated on the same held-out positions
@@ -77,6 +88,8 @@ def test_a_bad_study_value_is_one_config_error_naming_the_field():
   from rpt_jax.validate import ConfigError
   with pytest.raises(ConfigError, match=r"^study\.eval_points=2 must be >= 3"):
     RunSpec.from_config(micro_run.micro_config(study__eval_points=2))
+  with pytest.raises(ConfigError, match=r"^study\.eval_samples=0 must be >= 1"):
+    RunSpec.from_config(micro_run.micro_config(study__eval_samples=0))
   with pytest.raises(ConfigError, match=r"^study\.filters="):
     RunSpec.from_config(micro_run.micro_config(study__filters=("entropy", "bogus")))
   assert RunSpec.from_config(micro_run.micro_config()).study == study.StudyConfig()

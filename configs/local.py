@@ -65,7 +65,10 @@ def get_config():
   c.rl.dynamic_sampling_max_tries = 3
 
   c.optim.update(learning_rate=2e-4, warmup_steps=5, weight_decay=0.0)
-  c.train.update(steps=80, log_every=1, checkpoint_every=20, keep_checkpoints=2)
+  # 40 steps: reasoning accuracy is within ~2 points of its plateau by then (a 300-step run
+  # ends at 11.6% on the hard split against 10.8% at step 41), and the whole run fits 10
+  # minutes on 2 cores.
+  c.train.update(steps=40, log_every=1, checkpoint_every=20, keep_checkpoints=2)
   c.eval.update(max_positions=400, num_samples=1, pass_k=(1,), temperature=0.8,
                 batch_contexts=64)
   return c

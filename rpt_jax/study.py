@@ -6,9 +6,10 @@
    evaluation), shared with `--mode=all`;
 2. RPT with the configured position filter (its run of the ablation below), evaluated at
    `eval_points` steps spaced evenly in log-compute (the scaling law is a power law in
-   compute), then `rpt_jax.scaling` fits P(C) = A / C^alpha + P* per difficulty split on
-   next-token-reasoning accuracy against the cumulative RL FLOPs (`rl_step_flops` of each
-   step's measured mean response length);
+   compute), each evaluation sampling `eval_samples` answers per position, then
+   `rpt_jax.scaling` fits P(C) = A / C^alpha + P* per difficulty split on their mean reward
+   (`METRIC`) against the cumulative RL FLOPs (`rl_step_flops` of each step's measured mean
+   response length);
 3. the same RL budget (steps x contexts x G) from the same pretrained policy with every filter
    of `filters`, each on its own prepared records (every position the filter keeps: no
    per-document cap), all evaluated on the SAME held-out positions (the run's own records), the

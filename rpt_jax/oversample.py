@@ -152,8 +152,8 @@ class OversampledRollouts:
   process's (tokens [R, N], lengths [R], done [R], logprobs [R, N]) with N = max_new_tokens.
   """
 
-  def __init__(self, sampler: SlotEngine, config: RPTConfig, *, pad_id: int, stop_ids: Sequence[int],
-               rows: Sequence[int], whole: Callable[[PromptBatch], PromptBatch],
+  def __init__(self, sampler: SlotEngine, config: RPTConfig, *, pad_id: int,
+               stop_ids: Sequence[int], rows: Sequence[int], whole: Callable[[PromptBatch], PromptBatch],
                local_rollouts: Callable[[SampleOutput], tuple[np.ndarray, ...]]):
     self.sampler, self.config = sampler, config
     self.pad_id, self.stop_ids, self.rows = pad_id, tuple(stop_ids), list(rows)

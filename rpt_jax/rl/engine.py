@@ -17,9 +17,9 @@ long-tail budgets, 128 slots, cache up to 640; idle 2-core CPU): 242 host visits
 of the 21.4 s run (3.3%; 2.9 ms per visit: read the [K, S] tokens, retire rows, dispatch admit
 + chunk) against a 21 ms decode step. Scheduling on device (prefill and insert inside the
 decode loop, a `lax.cond` over a second program shape every step) could win back at most those
-3.3%, so the host does it. The early exit on `min_free` keeps host visits to when a refill is possible:
-a freed slot idles only until G slots are free (utilization 95% on that workload; 94-95% in a
-simulation for 64-256 slots, longest-budget-first; 56-86% first-come).
+3.3%, so the host does it. The early exit on `min_free` keeps host visits to when a refill is
+possible: a freed slot idles only until G slots are free (utilization 95% on that workload;
+94-95% in a simulation for 64-256 slots, longest-budget-first; 56-86% first-come).
 
 Live prefix (CPU): the slot cache is kept as long as the live rows can reach in the next chunk
 (one of LIVE_PREFIXES lengths, each a compile of the programs; `SlotPrograms.resize` between
@@ -241,7 +241,8 @@ class SlotEngine(Sampler):
                   np.full((g, n), self.pad_id, np.int32), np.zeros((g, n), np.float32),
                   np.zeros(g, np.int32), np.zeros(g, bool), g) for i in range(b)]
     # Longest budget first (stable): the order changes which slot a row gets, never its tokens.
-    queue = sorted(range(b), key=lambda i: -int(budgets_R[i * g:(i + 1) * g].max()))
+    group_budget_B = budgets_R.reshape(b, g).max(axis=1)  # a context's longest row budget
+    queue = sorted(range(b), key=lambda i: -int(group_budget_B[i]))
     finished, self._finished_carry = list(self._finished_carry), []
     params = self._place_params(self.params if params is None else params)
     if self._state is None:
@@ -257,8 +258,7 @@ class SlotEngine(Sampler):
       pending = []  # (groups, first-token outputs) of this visit's admissions
       # This visit admits the queue's first len(free) // G contexts; a new row reaches position
       # prompt + min(K, budget) - 1 in the chunk, and every prefill writes [0, L).
-      new_reach = max((int(lengths_B[i]) + min(self.chunk_steps, int(budgets_R[i * g:(i + 1) * g]
-                                                                      .max()))
+      new_reach = max((int(lengths_B[i]) + min(self.chunk_steps, int(group_budget_B[i]))
                        for i in queue[:len(free) // g]), default=0)
       self._fit_cache(l + n, max(new_reach, l if queue else 0), stats)
       while queue and len(free) >= g:

@@ -9,7 +9,7 @@ from flax import nnx
 from rpt_jax import mesh as mesh_lib
 from rpt_jax.model import hf_io
 from rpt_jax.model import attention
-from rpt_jax.model.transformer import KVCache, Transformer
+from rpt_jax.model.transformer import KVCache
 
 FAMILIES = ["qwen2", "qwen2_tied", "llama3", "qwen3", "mistral"]
 

@@ -49,6 +49,8 @@ setuptools.setup(
     version="0.1.0",
     description="Reinforcement Pre-Training (next-token reasoning with GRPO) in JAX/Flax",
     packages=setuptools.find_packages(include=["rpt_jax", "rpt_jax.*"]),
+    # The CPU decode attention kernel's source, compiled on first use (rpt_jax.model.cpu_decode_kernel).
+    package_data={"rpt_jax.model": ["*.cc"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

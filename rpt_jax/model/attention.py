@@ -18,7 +18,9 @@
 Decode steps (one query per row against a KV cache) take the `chunked` path under every name but
 `xla`: its loop bound is the live length, so a step costs what the rows have generated so far,
 not the cache's capacity (on CPU, 10% of a 4k cache: 8x faster than xla; the full cache: equal).
-On CPU a cache of at most two key blocks is read in one dense pass instead (faster there).
+On CPU, in float32 on one device, a C++ kernel (`cpu_decode_kernel`) runs it instead, reading
+each row's live keys once; without it, a cache of at most two key blocks is read in one dense
+pass (faster there than the loop).
 
 Which keys a query reads is a `Mask` of positions, never a dense [L, S] array (that alone would
 be quadratic): key s is readable by query l iff kv_valid[b, s] and kv_positions[b, s] <=
@@ -37,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from rpt_jax import mesh as mesh_lib
-from rpt_jax.model import attention_kernels
+from rpt_jax.model import attention_kernels, cpu_decode_kernel
 
 Array = jax.Array
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "splash", "cudnn")
@@ -153,16 +155,51 @@ def attend(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mask: Mask, implementati
   Query head n reads KV head n // G (G = N / KVH query heads per KV head). Returns q's shape in
   v's dtype. `mesh`/`rules` (the model's) let the Pallas kernel run per shard (shard_map).
   """
-  name = resolve(implementation, dtype=q_BLNH.dtype, head_dim=q_BLNH.shape[-1],
-                 decode=mask.in_cache and q_BLNH.shape[1] == 1)
+  decode = mask.in_cache and q_BLNH.shape[1] == 1
+  name = resolve(implementation, dtype=q_BLNH.dtype, head_dim=q_BLNH.shape[-1], decode=decode)
   if name == "xla":
     return dense(q_BLNH, k_BKSH, v_BKSH, mask.dense()[:, None, None])
   if name == "chunked":
+    if decode and _cpu_kernel_applies(q_BLNH, k_BKSH, v_BKSH, mesh):
+      return _cpu_decode(q_BLNH, k_BKSH, v_BKSH, mask)
     return chunked(q_BLNH, k_BKSH, v_BKSH, mask)
   if name == "splash":
     return attention_kernels.splash(q_BLNH, k_BKSH, v_BKSH, mask, mesh=mesh, rules=rules,
                                     interpret=trace_platform() != "tpu")
   return attention_kernels.cudnn(q_BLNH, k_BKSH, v_BKSH, mask)
+
+
+def _cpu_kernel_applies(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mesh) -> bool:
+  """A decode step traced for the CPU, float32, on one device (the FFI call is not
+  partitioned), where the kernel is built (`cpu_decode_kernel.available`)."""
+  return (trace_platform() == "cpu" and (mesh is None or mesh.devices.size == 1)
+          and all(x.dtype == jnp.float32 for x in (q_BLNH, k_BKSH, v_BKSH))
+          and cpu_decode_kernel.available())
+
+
+@jax.custom_vjp
+def _cpu_decode(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mask: Mask) -> Array:
+  """A decode step on the CPU kernel: row b reads cache slots [0, its position]. Gradients
+  (tests differentiate decode steps) are those of `chunked`, recomputed."""
+  b, _, n, h = q_BLNH.shape
+  kvh, s = k_BKSH.shape[1], k_BKSH.shape[2]
+  live_B = jnp.minimum(mask.q_positions_BL[:, 0] + 1, s)
+  out = cpu_decode_kernel.decode_attention(q_BLNH.reshape(b, kvh, n // kvh, h), k_BKSH, v_BKSH,
+                                           live_B)
+  return out.reshape(b, 1, n, h).astype(v_BKSH.dtype)
+
+
+def _cpu_decode_fwd(q_BLNH, k_BKSH, v_BKSH, mask):
+  return _cpu_decode(q_BLNH, k_BKSH, v_BKSH, mask), (q_BLNH, k_BKSH, v_BKSH, mask)
+
+
+def _cpu_decode_bwd(residuals, dout_BLNH):
+  q_BLNH, k_BKSH, v_BKSH, mask = residuals
+  _, vjp = jax.vjp(lambda q, k, v: chunked(q, k, v, mask), q_BLNH, k_BKSH, v_BKSH)
+  return (*vjp(dout_BLNH), None)
+
+
+_cpu_decode.defvjp(_cpu_decode_fwd, _cpu_decode_bwd)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -160,46 +160,13 @@ def attend(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mask: Mask, implementati
   if name == "xla":
     return dense(q_BLNH, k_BKSH, v_BKSH, mask.dense()[:, None, None])
   if name == "chunked":
-    if decode and _cpu_kernel_applies(q_BLNH, k_BKSH, v_BKSH, mesh):
-      return _cpu_decode(q_BLNH, k_BKSH, v_BKSH, mask)
+    if decode and cpu_decode_kernel.applies(q_BLNH, k_BKSH, v_BKSH, mesh, trace_platform()):
+      return cpu_decode_kernel.decode_step(chunked, q_BLNH, k_BKSH, v_BKSH, mask)
     return chunked(q_BLNH, k_BKSH, v_BKSH, mask)
   if name == "splash":
     return attention_kernels.splash(q_BLNH, k_BKSH, v_BKSH, mask, mesh=mesh, rules=rules,
                                     interpret=trace_platform() != "tpu")
   return attention_kernels.cudnn(q_BLNH, k_BKSH, v_BKSH, mask)
-
-
-def _cpu_kernel_applies(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mesh) -> bool:
-  """A decode step traced for the CPU, float32, on one device (the FFI call is not
-  partitioned), where the kernel is built (`cpu_decode_kernel.available`)."""
-  return (trace_platform() == "cpu" and (mesh is None or mesh.devices.size == 1)
-          and all(x.dtype == jnp.float32 for x in (q_BLNH, k_BKSH, v_BKSH))
-          and cpu_decode_kernel.available())
-
-
-@jax.custom_vjp
-def _cpu_decode(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mask: Mask) -> Array:
-  """A decode step on the CPU kernel: row b reads cache slots [0, its position]. Gradients
-  (tests differentiate decode steps) are those of `chunked`, recomputed."""
-  b, _, n, h = q_BLNH.shape
-  kvh, s = k_BKSH.shape[1], k_BKSH.shape[2]
-  live_B = jnp.minimum(mask.q_positions_BL[:, 0] + 1, s)
-  out = cpu_decode_kernel.decode_attention(q_BLNH.reshape(b, kvh, n // kvh, h), k_BKSH, v_BKSH,
-                                           live_B)
-  return out.reshape(b, 1, n, h).astype(v_BKSH.dtype)
-
-
-def _cpu_decode_fwd(q_BLNH, k_BKSH, v_BKSH, mask):
-  return _cpu_decode(q_BLNH, k_BKSH, v_BKSH, mask), (q_BLNH, k_BKSH, v_BKSH, mask)
-
-
-def _cpu_decode_bwd(residuals, dout_BLNH):
-  q_BLNH, k_BKSH, v_BKSH, mask = residuals
-  _, vjp = jax.vjp(lambda q, k, v: chunked(q, k, v, mask), q_BLNH, k_BKSH, v_BKSH)
-  return (*vjp(dout_BLNH), None)
-
-
-_cpu_decode.defvjp(_cpu_decode_fwd, _cpu_decode_bwd)
 
 
 # ----------------------------------------------------------------------------------------------

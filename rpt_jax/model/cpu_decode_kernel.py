@@ -100,3 +100,36 @@ def decode_attention(q_BKGH: Array, k_BKSH: Array, v_BKSH: Array, live_B: Array)
   return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q_BKGH.shape, jnp.float32))(
       q_BKGH.astype(jnp.float32), k_BKSH.astype(jnp.float32), v_BKSH.astype(jnp.float32),
       live_B.astype(jnp.int32))
+
+
+def applies(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mesh, platform: str) -> bool:
+  """Whether a decode step runs on the kernel: traced for the CPU, float32, on one device (the
+  FFI call is not partitioned), and the kernel is built."""
+  return (platform == "cpu" and (mesh is None or mesh.devices.size == 1)
+          and all(x.dtype == jnp.float32 for x in (q_BLNH, k_BKSH, v_BKSH)) and available())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def decode_step(reference, q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mask) -> Array:
+  """One query per row against a KV cache (an `attention.Mask.cache`: row b reads slots
+  [0, its position]): out_BLNH. Gradients are `reference`'s (the XLA formulation), recomputed:
+  the kernel has no backward pass, and only tests differentiate a decode step."""
+  del reference
+  b, _, n, h = q_BLNH.shape
+  kvh, s = k_BKSH.shape[1], k_BKSH.shape[2]
+  live_B = jnp.minimum(mask.q_positions_BL[:, 0] + 1, s)
+  out = decode_attention(q_BLNH.reshape(b, kvh, n // kvh, h), k_BKSH, v_BKSH, live_B)
+  return out.reshape(b, 1, n, h).astype(v_BKSH.dtype)
+
+
+def _decode_step_fwd(reference, q_BLNH, k_BKSH, v_BKSH, mask):
+  return decode_step(reference, q_BLNH, k_BKSH, v_BKSH, mask), (q_BLNH, k_BKSH, v_BKSH, mask)
+
+
+def _decode_step_bwd(reference, residuals, dout_BLNH):
+  q_BLNH, k_BKSH, v_BKSH, mask = residuals
+  _, vjp = jax.vjp(lambda q, k, v: reference(q, k, v, mask), q_BLNH, k_BKSH, v_BKSH)
+  return (*vjp(dout_BLNH), None)
+
+
+decode_step.defvjp(_decode_step_fwd, _decode_step_bwd)

@@ -30,19 +30,19 @@ in a one-off run); with a 16-position cache the step runs 11-12.7 ms (the matmul
 measured peak); the rest is the dense attention over the [B, KVH, S, Dh] cache, ~1.5 ms per
 layer at 320 positions (K and V read at ~14 GB/s of the ~25 measured; the fastest of six
 multiply-reduce / batched-dot / transposed formulations tried).
-Quiet re-run (jax 0.10.2): engine decode step 16.9 ms, 42% of a 7.2 ms roofline (static 16.9,
-41%). Where it goes (the chunk program with parts stubbed out, min of 7 runs): attention
-5.1-5.5 ms (1.3-1.4 ms per layer for 21 MB of K and V: 15-16 GB/s, where one pass at the
-measured bandwidth is ~0.75 ms); the rest ~10.6-11 ms (the matmuls' 1.31 GFLOP at ~125 GFLOP/s
-inside the loop, norms, rope, cache writes, sampling). 50% of the roofline (14.4 ms) needs the
-attention at bandwidth: one fused pass over K and V per layer, which XLA:CPU does not emit.
-Two cache layouts were measured and not kept: keys stored [B, KVH, Dh, S] (both products plain
-matmuls) ran level with this one (15.8-17.7 vs 16.6-17.7 ms, alternating runs); a prompt
-stored once per context for its G rows (a [C, KVH, G x N/KVH, Dh] query block per context,
-outputs merged by log-sum-exp) cut this step from 18.8 to 16.1 ms (same session, C = 16) but
-holds a context slot until the group's longest row ends: on the long-tail workload
-(benchmarks/rollout_long_tail.py) 48 context slots reached 4,168 tok/s (85.6% utilization)
-where this engine runs 5,301 (95.0%).
+With the CPU decode attention kernel (rpt_jax/model/cpu_decode_attention.cc; idle, jax 0.10.2):
+  (a) engine decode step 13.6 ms, 52% of roofline (best of 3 pairs; range 44-52%; a second run
+      14.4 ms, 53%); static 15.8 ms, 47%. XLA's formulation (RPT_JAX_CPU_KERNEL=0), same day:
+      engine 16.9 ms, 42%. The attention was 5.1-5.5 ms of that step (XLA's parts stubbed out:
+      1.3-1.4 ms per layer for 21 MB of K and V, ~15 GB/s); the kernel reads each live key and
+      value once per (row, KV head): 0.5-1.0 ms per layer on the same input.
+  (b) engine decode step 145.7 ms, 61%; static 126.2 ms, 60%.
+Two cache layouts were measured before the kernel and not kept: keys stored [B, KVH, Dh, S]
+(both products plain matmuls) ran level with XLA's (15.8-17.7 vs 16.6-17.7 ms, alternating
+runs); a prompt stored once per context for its G rows (a [C, KVH, G x N/KVH, Dh] query block
+per context, outputs merged by log-sum-exp) cut the step from 18.8 to 16.1 ms (C = 16) but
+holds a context slot until the group's longest row ends: on the long-tail workload 48 context
+slots reached 4,168 tok/s (85.6% utilization) where the plain engine ran 5,301 (95.0%).
 """
 
 from __future__ import annotations

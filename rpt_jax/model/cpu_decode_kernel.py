@@ -41,14 +41,17 @@ _FLAGS = ("-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", "-std=c++17
 
 
 def _cpu_name() -> str:
+  """The CPU's model and instruction-set flags (-march=native builds for exactly these)."""
+  lines = {}
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       for line in f:
-        if line.startswith(("model name", "flags")):
-          return line
+        key = line.split(":", 1)[0].strip()
+        if key in ("model name", "flags", "Features") and key not in lines:
+          lines[key] = line.strip()
   except OSError:
     pass
-  return platform.processor() or platform.machine()
+  return "\n".join(lines.values()) or platform.processor() or platform.machine()
 
 
 def _build() -> str:

@@ -153,7 +153,8 @@ class OversampledRollouts:
   """
 
   def __init__(self, sampler: SlotEngine, config: RPTConfig, *, pad_id: int,
-               stop_ids: Sequence[int], rows: Sequence[int], whole: Callable[[PromptBatch], PromptBatch],
+               stop_ids: Sequence[int], rows: Sequence[int],
+               whole: Callable[[PromptBatch], PromptBatch],
                local_rollouts: Callable[[SampleOutput], tuple[np.ndarray, ...]]):
     self.sampler, self.config = sampler, config
     self.pad_id, self.stop_ids, self.rows = pad_id, tuple(stop_ids), list(rows)

@@ -2,7 +2,9 @@
 // KV-cache row, reading only the row's live keys, each key and value once.
 //
 // q [B, KVH, G, Dh], k and v [B, KVH, S, Dh] (float32), live [B] (int32: keys [0, live) are
-// read) -> out [B, KVH, G, Dh]. The (row, KV head) pairs are split over XLA's intra-op threads.
+// read) -> out [B, KVH, G, Dh]. The (row, KV head) pairs are shared out in small batches to the
+// calling thread and XLA's intra-op threads; the call returns once every pair is done, never
+// waiting for a helper that has not started (one that starts late finds no pair left).
 // Per pair: the G scores of each key (its G query heads share it), a softmax per head, then the
 // value rows weighted into G accumulators. With AVX-512 and Dh % 16 == 0, G <= 8, the queries
 // and accumulators stay in vector registers; otherwise plain loops.
@@ -10,6 +12,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -42,10 +45,11 @@ void Softmax(float* scores, const float* max_g, int64_t g, int64_t s, int64_t n,
   }
 }
 
+// max_g, total: [G] scratch.
 void GenericPair(const float* Q, const float* K, const float* V, int64_t n, const Shape& d,
-                 float* scores, float* O) {
+                 float* scores, float* max_g, float* total, float* O) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.h));
-  std::vector<float> max_g(d.g, -3.0e38f), total(d.g);
+  std::fill(max_g, max_g + d.g, -3.0e38f);
   for (int64_t t = 0; t < n; ++t) {
     for (int64_t i = 0; i < d.g; ++i) {
       float dot = 0.f;
@@ -54,7 +58,7 @@ void GenericPair(const float* Q, const float* K, const float* V, int64_t n, cons
       max_g[i] = std::max(max_g[i], dot * scale);
     }
   }
-  Softmax(scores, max_g.data(), d.g, d.s, n, total.data());
+  Softmax(scores, max_g, d.g, d.s, n, total);
   std::fill(O, O + d.g * d.h, 0.f);
   for (int64_t t = 0; t < n; ++t)
     for (int64_t i = 0; i < d.g; ++i)
@@ -108,9 +112,19 @@ void VectorPair(const float* Q, const float* K, const float* V, int64_t n, const
 }
 #endif
 
-void Pairs(const float* q, const float* k, const float* v, const int32_t* live, float* out,
-           int64_t begin, int64_t end, const Shape& d) {
-  std::vector<float> scores(d.g * d.s);
+struct Inputs {
+  const float *q, *k, *v;
+  const int32_t* live;
+  float* out;
+  Shape d;
+};
+
+void Pairs(const Inputs& in, int64_t begin, int64_t end) {
+  const Shape& d = in.d;
+  const float *q = in.q, *k = in.k, *v = in.v;
+  const int32_t* live = in.live;
+  float* out = in.out;
+  std::vector<float> scores(d.g * d.s), max_g(d.g), total(d.g);
   for (int64_t pair = begin; pair < end; ++pair) {
     const int64_t n = std::min<int64_t>(std::max<int64_t>(live[pair / d.kvh], 1), d.s);
     const float* Q = q + pair * d.g * d.h;
@@ -131,9 +145,25 @@ void Pairs(const float* q, const float* k, const float* v, const int32_t* live, 
       continue;
     }
 #endif
-    GenericPair(Q, K, V, n, d, scores.data(), O);
+    GenericPair(Q, K, V, n, d, scores.data(), max_g.data(), total.data(), O);
   }
 }
+
+// Pairs handed out `batch` at a time. Shared (not on the caller's stack) so that a helper
+// scheduled on XLA's pool that starts after the call returned touches only this.
+struct Work {
+  Inputs in;
+  int64_t pairs, batch;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void Run() {
+    for (int64_t begin; (begin = next.fetch_add(batch)) < pairs;) {
+      const int64_t end = std::min(pairs, begin + batch);
+      Pairs(in, begin, end);
+      done.fetch_add(end - begin, std::memory_order_release);
+    }
+  }
+};
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
@@ -144,20 +174,15 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     return ffi::Error::InvalidArgument("expected q [B, KVH, G, Dh] and k, v [B, KVH, S, Dh]");
   const Shape d{qd[1], qd[2], kd[2], qd[3]};
   const int64_t pairs = qd[0] * d.kvh;
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), pairs));
-  const int64_t per = (pairs + workers - 1) / workers;
-  std::atomic<int64_t> pending(workers - 1);
-  for (int64_t w = 1; w < workers; ++w) {
-    const int64_t begin = w * per, end = std::min(pairs, begin + per);
-    pool.Schedule([&, begin, end] {
-      Pairs(q.typed_data(), k.typed_data(), v.typed_data(), live.typed_data(),
-            out->typed_data(), begin, end, d);
-      pending.fetch_sub(1, std::memory_order_release);
-    });
-  }
-  Pairs(q.typed_data(), k.typed_data(), v.typed_data(), live.typed_data(), out->typed_data(), 0,
-        std::min(pairs, per), d);
-  while (pending.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+  const int64_t helpers = std::max<int64_t>(0, std::min<int64_t>(pool.num_threads(), pairs) - 1);
+  auto work = std::make_shared<Work>();
+  work->in = Inputs{q.typed_data(), k.typed_data(), v.typed_data(), live.typed_data(),
+                    out->typed_data(), d};
+  work->pairs = pairs;
+  work->batch = std::max<int64_t>(1, pairs / (4 * (helpers + 1)));
+  for (int64_t w = 0; w < helpers; ++w) pool.Schedule([work] { work->Run(); });
+  work->Run();
+  while (work->done.load(std::memory_order_acquire) < pairs) std::this_thread::yield();
   return ffi::Error::Success();
 }
 

@@ -99,10 +99,10 @@ def available() -> bool:
 
 def decode_attention(q_BKGH: Array, k_BKSH: Array, v_BKSH: Array, live_B: Array) -> Array:
   """out_BKGH (float32): each row's query heads over its first live_B keys (clamped to
-  [1, S]); all inputs float32 (live int32). Call only where `available()`."""
+  [1, S]); q, k, v float32 (no cast here: a cast would copy the cache), live int32. Call only
+  where `available()`."""
   return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q_BKGH.shape, jnp.float32))(
-      q_BKGH.astype(jnp.float32), k_BKSH.astype(jnp.float32), v_BKSH.astype(jnp.float32),
-      live_B.astype(jnp.int32))
+      q_BKGH, k_BKSH, v_BKSH, live_B.astype(jnp.int32))
 
 
 def applies(q_BLNH: Array, k_BKSH: Array, v_BKSH: Array, mesh, platform: str) -> bool:

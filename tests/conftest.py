@@ -10,3 +10,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_compilation_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for the whole test run: every xdist worker and every
+  child process (`python -m rpt_jax.main`, benchmarks) the tests start. Many tests build the
+  same small models and programs; a program compiled once is then loaded, not compiled again
+  (the same executable: the cache key is the program, the compile options and the backend)."""
+  base = tmp_path_factory.getbasetemp()
+  # xdist workers' temp dirs (popen-gw0, ...) share the run's directory.
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  cache = str(root / "jax_compilation_cache")
+  os.makedirs(cache, exist_ok=True)
+  settings = {"jax_compilation_cache_dir": cache,
+              "jax_persistent_cache_min_compile_time_secs": 0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)  # inherited by the child processes tests start
+  yield

@@ -426,7 +426,9 @@ class Checkpointer:
 
     def on_sigterm(signum, frame):
       del signum, frame
-      log.warning("SIGTERM received: will checkpoint and stop at the next step boundary.")
+      # Only the flag: Python runs this handler inside whatever the main thread was doing, e.g.
+      # a progress bar's write to stderr blocked on a full pipe, and a write to that stream
+      # from here is a reentrant call (a logging error). `should_stop` says it from the loop.
       self._stop_requested.set()
 
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -450,9 +452,12 @@ class Checkpointer:
 
   def should_stop(self, step: int) -> bool:
     """True when the loop should save (`force=True`), wait, and exit at this step."""
-    stop = self._stop_requested.is_set() or self.reached_preemption(step)
+    requested = self._stop_requested.is_set()
+    stop = requested or self.reached_preemption(step)
     if stop and not _stopped_at:
       _stopped_at.append(step)
+      log.warning("%s: checkpointing at step %d and stopping.",
+                  "SIGTERM received" if requested else "Preemption sync point reached", step)
     return stop
 
 

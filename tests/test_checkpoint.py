@@ -262,6 +262,29 @@ def test_sigterm_sets_stop_flag(tmp_path):
     checkpoint._stopped_at.clear()  # pylint: disable=protected-access
 
 
+def test_the_sigterm_handler_only_sets_the_flag(tmp_path, caplog):
+  """Python runs a signal handler inside whatever the main thread was doing, e.g. a progress
+  bar's write to stderr blocked on a full pipe; a handler that logged to that stream made a
+  reentrant write (a '--- Logging error ---' traceback in a preempted run's stderr, seen under
+  load). So the handler writes nothing, and `should_stop` logs the stop from the loop."""
+  previous = signal.getsignal(signal.SIGTERM)
+  try:
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    assert ckpt.install_sigterm_handler()
+    handler = signal.getsignal(signal.SIGTERM)
+    with caplog.at_level(logging.DEBUG):
+      handler(signal.SIGTERM, None)
+      assert [r.getMessage() for r in caplog.records] == []
+      assert ckpt.should_stop(7)
+      assert ckpt.should_stop(8)  # said once
+    assert [r.getMessage() for r in caplog.records] == [
+        "SIGTERM received: checkpointing at step 7 and stopping."]
+    ckpt.close()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    checkpoint._stopped_at.clear()  # pylint: disable=protected-access
+
+
 def test_sigterm_ends_a_run_with_the_preemption_exit_code(tmp_path_factory):
   """`python -m rpt_jax.main` stopped by SIGTERM mid-training saves, then exits 75."""
   workdir = micro_run.prepared_workdir(tmp_path_factory, "preempted")

@@ -13,6 +13,17 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
 
+# Modules that take minutes, run first: under `-n 2` each worker is first handed a block of
+# consecutive tests, so these start at once (a module stays in one block: its module fixture
+# runs once) instead of ending the run on one worker while the other idles.
+_RUN_FIRST = ("tests/test_multihost.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {path: i for i, path in enumerate(_RUN_FIRST)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_compilation_cache(tmp_path_factory):

@@ -107,11 +107,18 @@ def write_config(path: str, overrides: dict[str, Any] | None = None) -> str:
   return path
 
 
+_CACHE_DIR: list[str] = []  # set by `prepared_workdir`: one per test session
+
+
 def subprocess_env(num_devices: int = 8) -> dict[str, str]:
   """The environment of a `python -m rpt_jax.main` child: CPU, `num_devices` simulated devices,
-  the same matmul precision as the test process; the test run's compilation cache comes with
-  `os.environ` (tests/conftest.py), so a child loads what another test already compiled."""
+  the same matmul precision as the test process, and a compilation cache shared by the children
+  of this test session (a child then compiles in ~1 s instead of ~30 s; same executables)."""
   env = dict(os.environ)
+  if _CACHE_DIR:
+    env["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR[0]
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={num_devices}"])
@@ -175,6 +182,8 @@ def prepared_workdir(tmp_path_factory, name: str) -> str:
   (also from other test modules) copy it.
   """
   base = tmp_path_factory.getbasetemp() / "micro_prepared"
+  if not _CACHE_DIR:
+    _CACHE_DIR.append(str(tmp_path_factory.getbasetemp() / "jax_compilation_cache"))
   if not (base / "records").exists():
     from rpt_jax import pipeline  # pylint: disable=g-import-not-at-top
     from rpt_jax.spec import RunSpec  # pylint: disable=g-import-not-at-top

@@ -27,10 +27,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_compilation_cache(tmp_path_factory):
-  """One persistent XLA compilation cache for the whole test run: every xdist worker and every
-  child process (`python -m rpt_jax.main`, benchmarks) the tests start. Many tests build the
-  same small models and programs; a program compiled once is then loaded, not compiled again
-  (the same executable: the cache key is the program, the compile options and the backend)."""
+  """One persistent XLA compilation cache for the whole test run: both xdist workers and the
+  child processes the tests start (benchmarks; `micro_run`'s `python -m rpt_jax.main` children
+  keep their per-worker cache, which measured faster). Many tests build the same small models
+  and programs; a program compiled once is then loaded, not compiled again (the same
+  executable: the cache key is the program, the compile options and the backend)."""
   base = tmp_path_factory.getbasetemp()
   # xdist workers' temp dirs (popen-gw0, ...) share the run's directory.
   root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
